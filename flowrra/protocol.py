@@ -1,0 +1,537 @@
+"""The Flowrra wire protocol: frames, commands, encoding and decoding.
+
+This module is the whole wire contract shared by the broker, the node and the client. It
+imports msgpack and never zmq, so every rule here can be tested without sockets.
+``docs/protocol.md`` describes the same format frame by frame.
+
+Every message is a list of frames (a ROUTER socket prepends the peer's routing id)::
+
+    [HEADER, COMMAND, BODY?]
+
+``HEADER`` is ``b"FLWR"`` followed by one version byte, ``COMMAND`` is one byte and ``BODY`` is
+one msgpack document whose shape depends on the command. Task arguments and results travel
+inside bodies as opaque msgpack ``bin`` blobs, so the broker stores and forwards them without
+decoding them. Nothing received from the network is ever unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from flowrra.errors import ProtocolError, SerializationError
+
+MAGIC: Final = b"FLWR"
+VERSION: Final = 1
+HEADER: Final = MAGIC + bytes([VERSION])
+
+# Timing defaults, built from each other (7/MDP style): a peer is declared dead after
+# HEARTBEAT_LIVENESS intervals without hearing anything from it.
+HEARTBEAT_INTERVAL_MS: Final = 1000
+HEARTBEAT_LIVENESS: Final = 3
+HEARTBEAT_EXPIRY_MS: Final = HEARTBEAT_INTERVAL_MS * HEARTBEAT_LIVENESS
+
+# Largest message a broker accepts by default (ZMQ_MAXMSGSIZE); announced in WELCOME.
+MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+
+# msgpack extension type codes for the two non-native values Flowrra carries.
+_EXT_DATETIME: Final = 1
+
+
+class Command(enum.IntEnum):
+    """The one-byte command frame."""
+
+    # client -> broker
+    HELLO = 0x01
+    SUBMIT = 0x02
+    GET = 0x03
+    # node -> broker
+    READY = 0x10
+    RESULTS = 0x11
+    HEARTBEAT = 0x12
+    BYE = 0x13
+    # broker -> client / node
+    WELCOME = 0x20
+    ACK = 0x21
+    STATE = 0x22
+    TASKS = 0x23
+    ERROR = 0x24
+    RECONNECT = 0x25
+    # broker PUB socket (first frame is the topic: the task id)
+    RESULT = 0x30
+    SUBSCRIBED = 0x31
+
+
+_COMMAND_FRAMES: Final = {c: bytes([c]) for c in Command}
+
+
+class TaskStatus(enum.StrEnum):
+    """Where a task is in its life."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (TaskStatus.SUCCESS, TaskStatus.FAILED)
+
+
+class SlotKind(enum.StrEnum):
+    """The kind of node capacity a task needs."""
+
+    ASYNC = "async"  # coroutines and plain functions run in threads
+    CPU = "cpu"  # functions run in the node's process pool
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _default(obj: object) -> msgpack.ExtType:
+    if isinstance(obj, _dt.datetime):
+        return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
+    raise SerializationError(
+        f"cannot send a value of type {type(obj).__qualname__!r}: Flowrra carries msgpack "
+        "values only (None, bool, int, float, str, bytes, list, tuple, dict, datetime)"
+    )
+
+
+def _ext_hook(code: int, data: bytes) -> object:
+    if code == _EXT_DATETIME:
+        return _dt.datetime.fromisoformat(data.decode())
+    raise ProtocolError(f"unknown msgpack extension type {code}")
+
+
+_packer_options: Final[dict[str, Any]] = {"default": _default, "use_bin_type": True}
+
+
+def pack_value(value: object) -> bytes:
+    """Encode one task argument tree or result; raises SerializationError for other types."""
+    try:
+        return msgpack.packb(value, **_packer_options)  # type: ignore[no-any-return]
+    except SerializationError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode value as msgpack: {exc}") from exc
+
+
+def unpack_value(data: bytes) -> Any:
+    """Decode what :func:`pack_value` produced."""
+    try:
+        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"undecodable value: {exc}") from exc
+
+
+def pack_args(args: Sequence[object], kwargs: dict[str, object]) -> bytes:
+    """Encode a call's positional and keyword arguments as one blob."""
+    return pack_value([list(args), kwargs])
+
+
+def unpack_args(payload: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Decode a blob from :func:`pack_args`."""
+    decoded = unpack_value(payload)
+    if (
+        not isinstance(decoded, list)
+        or len(decoded) != 2
+        or not isinstance(decoded[0], list)
+        or not isinstance(decoded[1], dict)
+    ):
+        raise ProtocolError("task payload is not [args, kwargs]")
+    return tuple(decoded[0]), decoded[1]
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def encode(command: Command, body: object = None) -> list[bytes]:
+    """Build the frames of one message (without any routing id)."""
+    if body is None:
+        return [HEADER, _COMMAND_FRAMES[command]]
+    return [HEADER, _COMMAND_FRAMES[command], msgpack.packb(body, use_bin_type=True)]
+
+
+def encode_publication(topic: bytes, command: Command, body: object = None) -> list[bytes]:
+    """Frames for the broker's PUB socket: the topic first, then a normal message."""
+    return [topic, *encode(command, body)]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded message: its command and its (still untyped) msgpack body."""
+
+    command: Command
+    body: Any
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse frames into a :class:`Message`; raises ProtocolError for anything malformed.
+
+    A header with the right magic but another version raises :class:`VersionMismatch`, so the
+    receiver can answer with a clear error instead of silence.
+    """
+    if len(frames) not in (2, 3):
+        raise ProtocolError(f"expected 2 or 3 frames, got {len(frames)}")
+    header, command_frame = frames[0], frames[1]
+    if header != HEADER:
+        if len(header) == len(HEADER) and header[:4] == MAGIC:
+            raise VersionMismatch(header[4])
+        raise ProtocolError("bad header frame (not a Flowrra peer)")
+    if len(command_frame) != 1:
+        raise ProtocolError("command frame must be one byte")
+    try:
+        command = Command(command_frame[0])
+    except ValueError:
+        raise ProtocolError(f"unknown command 0x{command_frame[0]:02x}") from None
+    body: Any = None
+    if len(frames) == 3:
+        try:
+            body = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise ProtocolError(f"undecodable body for {command.name}: {exc}") from exc
+    return Message(command, body)
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of the protocol."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"protocol version {version} is not supported (this peer speaks version {VERSION})"
+        )
+        self.version = version
+
+
+# --------------------------------------------------------------------------- bodies
+#
+# Each body has a frozen dataclass, an ``encode_*`` helper and a ``parse_*`` function that
+# validates types and raises ProtocolError, so garbage never gets past the decoder.
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise ProtocolError(what)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _optional_number(value: object) -> bool:
+    return value is None or _is_number(value)
+
+
+def _list_body(body: object, command: str) -> list[Any]:
+    _expect(isinstance(body, list), f"{command} body must be a list")
+    return body  # type: ignore[return-value]
+
+
+def _map_body(body: object, command: str) -> dict[str, Any]:
+    _expect(isinstance(body, dict), f"{command} body must be a map")
+    return body  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One task as the client submits it (SUBMIT carries a list of these)."""
+
+    task_id: str
+    name: str
+    priority: int
+    payload: bytes
+    max_retries: int
+    retry_delay_s: float
+    timeout_s: float | None
+    submitted_at: float
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.task_id,
+            self.name,
+            self.priority,
+            self.payload,
+            self.max_retries,
+            self.retry_delay_s,
+            self.timeout_s,
+            self.submitted_at,
+        ]
+
+
+def parse_submit(body: object) -> list[Submission]:
+    items = _list_body(body, "SUBMIT")
+    out: list[Submission] = []
+    for item in items:
+        _expect(isinstance(item, list) and len(item) == 8, "SUBMIT item must have 8 fields")
+        task_id, name, priority, payload, max_retries, retry_delay, timeout, submitted_at = item
+        _expect(isinstance(task_id, str) and 0 < len(task_id) <= 200, "bad task id")
+        _expect(isinstance(name, str) and 0 < len(name) <= 500, "bad task name")
+        _expect(_is_int(priority) and -(2**31) <= priority < 2**31, "bad priority")
+        _expect(isinstance(payload, bytes), "payload must be bytes")
+        _expect(_is_int(max_retries) and 0 <= max_retries <= 1000, "bad max_retries")
+        _expect(_is_number(retry_delay) and retry_delay >= 0, "bad retry_delay")
+        _expect(_optional_number(timeout) and (timeout is None or timeout > 0), "bad timeout")
+        _expect(_is_number(submitted_at), "bad submitted_at")
+        out.append(
+            Submission(
+                task_id,
+                name,
+                priority,
+                payload,
+                max_retries,
+                float(retry_delay),
+                None if timeout is None else float(timeout),
+                float(submitted_at),
+            )
+        )
+    return out
+
+
+def parse_task_ids(body: object, command: str) -> list[str]:
+    ids = _list_body(body, command)
+    for task_id in ids:
+        _expect(isinstance(task_id, str), f"{command} items must be task ids")
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """One task attempt the broker hands to a node (TASKS carries a list of these)."""
+
+    task_id: str
+    attempt: int
+    name: str
+    payload: bytes
+    timeout_s: float | None
+
+    def to_wire(self) -> list[Any]:
+        return [self.task_id, self.attempt, self.name, self.payload, self.timeout_s]
+
+
+def parse_tasks(body: object) -> list[Dispatch]:
+    out: list[Dispatch] = []
+    for item in _list_body(body, "TASKS"):
+        _expect(isinstance(item, list) and len(item) == 5, "TASKS item must have 5 fields")
+        task_id, attempt, name, payload, timeout = item
+        _expect(isinstance(task_id, str) and _is_int(attempt), "bad TASKS item")
+        _expect(isinstance(name, str) and isinstance(payload, bytes), "bad TASKS item")
+        _expect(_optional_number(timeout), "bad TASKS timeout")
+        out.append(Dispatch(task_id, attempt, name, payload, timeout))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An exception as it travels: type name, message and formatted traceback."""
+
+    exc_type: str
+    message: str
+    traceback: str | None
+
+    def to_wire(self) -> list[Any]:
+        return [self.exc_type, self.message, self.traceback]
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, traceback: str | None = None) -> ErrorInfo:
+        return cls(type(exc).__qualname__, str(exc), traceback)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The end of one attempt, reported by a node (RESULTS carries a list of these)."""
+
+    task_id: str
+    attempt: int
+    value: bytes | None  # packed result when the attempt succeeded
+    error: ErrorInfo | None  # set when it failed
+    started_at: float
+    finished_at: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.task_id,
+            self.attempt,
+            self.value,
+            None if self.error is None else self.error.to_wire(),
+            self.started_at,
+            self.finished_at,
+        ]
+
+
+def parse_results(body: object) -> list[Outcome]:
+    out: list[Outcome] = []
+    for item in _list_body(body, "RESULTS"):
+        _expect(isinstance(item, list) and len(item) == 6, "RESULTS item must have 6 fields")
+        task_id, attempt, value, error, started_at, finished_at = item
+        _expect(isinstance(task_id, str) and _is_int(attempt), "bad RESULTS item")
+        _expect(value is None or isinstance(value, bytes), "bad RESULTS value")
+        _expect(_is_number(started_at) and _is_number(finished_at), "bad RESULTS times")
+        info: ErrorInfo | None = None
+        if error is not None:
+            _expect(isinstance(error, list) and len(error) == 3, "bad RESULTS error")
+            etype, message, tb = error
+            _expect(isinstance(etype, str) and isinstance(message, str), "bad RESULTS error")
+            _expect(tb is None or isinstance(tb, str), "bad RESULTS traceback")
+            info = ErrorInfo(etype, message, tb)
+        _expect((value is None) != (info is None), "RESULTS item needs a value or an error")
+        out.append(Outcome(task_id, attempt, value, info, float(started_at), float(finished_at)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReady:
+    """A node's handshake: who it is, its capacity and the tasks it serves."""
+
+    node_id: str
+    hostname: str
+    pid: int
+    async_slots: int
+    cpu_slots: int
+    tasks: dict[str, SlotKind]
+    running: list[tuple[str, int]]  # attempts it still holds after a reconnect
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "hostname": self.hostname,
+            "pid": self.pid,
+            "async_slots": self.async_slots,
+            "cpu_slots": self.cpu_slots,
+            "tasks": {name: str(kind) for name, kind in self.tasks.items()},
+            "running": [list(r) for r in self.running],
+        }
+
+
+def parse_ready(body: object) -> NodeReady:
+    m = _map_body(body, "READY")
+    try:
+        node_id, hostname, pid = m["node_id"], m["hostname"], m["pid"]
+        async_slots, cpu_slots, tasks, running = (
+            m["async_slots"],
+            m["cpu_slots"],
+            m["tasks"],
+            m["running"],
+        )
+    except KeyError as exc:
+        raise ProtocolError(f"READY lacks {exc}") from None
+    _expect(isinstance(node_id, str) and 0 < len(node_id) <= 200, "bad node_id")
+    _expect(isinstance(hostname, str) and _is_int(pid), "bad hostname or pid")
+    _expect(_is_int(async_slots) and 0 <= async_slots <= 1_000_000, "bad async_slots")
+    _expect(_is_int(cpu_slots) and 0 <= cpu_slots <= 10_000, "bad cpu_slots")
+    _expect(isinstance(tasks, dict) and len(tasks) <= 100_000, "bad tasks map")
+    kinds: dict[str, SlotKind] = {}
+    for name, kind in tasks.items():
+        _expect(isinstance(name, str) and kind in ("async", "cpu"), "bad tasks entry")
+        kinds[name] = SlotKind(kind)
+    _expect(isinstance(running, list), "bad running list")
+    held: list[tuple[str, int]] = []
+    for item in running:
+        _expect(isinstance(item, list) and len(item) == 2, "bad running entry")
+        _expect(isinstance(item[0], str) and _is_int(item[1]), "bad running entry")
+        held.append((item[0], item[1]))
+    return NodeReady(node_id, hostname, pid, async_slots, cpu_slots, kinds, held)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The broker's answer to HELLO and READY."""
+
+    broker_id: str
+    publish_endpoint: str
+    heartbeat_interval_ms: int
+    heartbeat_liveness: int
+    max_message_bytes: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "broker_id": self.broker_id,
+            "publish": self.publish_endpoint,
+            "heartbeat_ms": self.heartbeat_interval_ms,
+            "liveness": self.heartbeat_liveness,
+            "max_message_bytes": self.max_message_bytes,
+        }
+
+
+def parse_welcome(body: object) -> Welcome:
+    m = _map_body(body, "WELCOME")
+    try:
+        welcome = Welcome(
+            m["broker_id"], m["publish"], m["heartbeat_ms"], m["liveness"], m["max_message_bytes"]
+        )
+    except KeyError as exc:
+        raise ProtocolError(f"WELCOME lacks {exc}") from None
+    _expect(isinstance(welcome.publish_endpoint, str), "bad publish endpoint")
+    _expect(_is_int(welcome.heartbeat_interval_ms) and welcome.heartbeat_interval_ms > 0, "bad hb")
+    _expect(_is_int(welcome.heartbeat_liveness) and welcome.heartbeat_liveness > 0, "bad liveness")
+    _expect(_is_int(welcome.max_message_bytes), "bad max_message_bytes")
+    return welcome
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The broker's verdict on one submitted task: ``error`` is None when accepted."""
+
+    task_id: str
+    error: str | None
+
+
+def parse_ack(body: object) -> list[Ack]:
+    out: list[Ack] = []
+    for item in _list_body(body, "ACK"):
+        _expect(isinstance(item, list) and len(item) == 2, "bad ACK item")
+        _expect(isinstance(item[0], str), "bad ACK task id")
+        _expect(item[1] is None or isinstance(item[1], str), "bad ACK error")
+        out.append(Ack(item[0], item[1]))
+    return out
+
+
+def parse_error(body: object) -> tuple[str, str]:
+    m = _map_body(body, "ERROR")
+    code, message = m.get("code"), m.get("message")
+    _expect(isinstance(code, str) and isinstance(message, str), "bad ERROR body")
+    return code, message  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- task records
+
+# The public view of a task, as stored, published on the PUB socket and returned by GET.
+RECORD_FIELDS: Final = (
+    "task_id",
+    "task_name",
+    "status",
+    "result",  # packed value (bytes) or None
+    "error",  # "Type: message" or None
+    "traceback",
+    "retries",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+)
+
+
+def parse_record(body: object) -> dict[str, Any]:
+    """Validate one public task record (from STATE or a RESULT publication)."""
+    m = _map_body(body, "record")
+    for field in RECORD_FIELDS:
+        _expect(field in m, f"record lacks {field!r}")
+    _expect(isinstance(m["task_id"], str) and isinstance(m["task_name"], str), "bad record ids")
+    _expect(m["status"] in TaskStatus._value2member_map_, "bad record status")
+    _expect(m["result"] is None or isinstance(m["result"], bytes), "bad record result")
+    _expect(_is_int(m["retries"]), "bad record retries")
+    return m
