@@ -1,0 +1,36 @@
+"""Flowrra: a ZeroMQ task fabric. Run Python functions as background tasks, anywhere."""
+
+from flowrra.app import Flowrra
+from flowrra.errors import (
+    BrokerUnavailable,
+    FlowrraError,
+    MessageTooLargeError,
+    ProtocolError,
+    RemoteTaskError,
+    SerializationError,
+    SubmitRejected,
+    TaskNotFoundError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+from flowrra.protocol import TaskStatus
+from flowrra.result import TaskResult
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "BrokerUnavailable",
+    "Flowrra",
+    "FlowrraError",
+    "MessageTooLargeError",
+    "ProtocolError",
+    "RemoteTaskError",
+    "SerializationError",
+    "SubmitRejected",
+    "TaskNotFoundError",
+    "TaskResult",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "WorkerLostError",
+    "__version__",
+]

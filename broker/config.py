@@ -1,0 +1,25 @@
+"""Broker settings: parsed once by the CLI (or built by the embedded app), then passed around."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.store import Durability
+from flowrra.protocol import HEARTBEAT_INTERVAL_MS, HEARTBEAT_LIVENESS, MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Everything a broker needs to run."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    publish: str | None = None  # default: the bind port + 1
+    advertise_publish: str | None = None  # what clients are told to connect to, if not `publish`
+    data_dir: str | None = "./flowrra-data"  # None keeps state in memory (embedded default)
+    durability: Durability = Durability.FULL
+    heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS
+    heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    result_ttl_s: float = 24 * 3600.0
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_worker_losses: int = 3  # a task whose node died this often ends FAILED
+    expiry_sweep_interval_s: float = 10.0

@@ -1,0 +1,478 @@
+"""The broker's state machine: requests in, replies and dispatches out. No sockets here.
+
+:class:`Broker` is driven by :mod:`broker.server`, which feeds it the messages drained in one
+loop tick, calls :meth:`Broker.tick`, commits the store once and only then sends what the
+broker put in its :class:`Outbox`. Methods are verbs on the broker's state, after Majordomo
+(``register_node``, ``dispatch``, ``purge_nodes``, ``send_heartbeats``).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from broker.config import BrokerConfig
+from broker.queues import TaskQueues
+from broker.records import TaskRecord
+from broker.registry import Lease, NodeRegistry, NodeState
+from broker.store import Store, Table
+from broker.timers import Timers, backoff_s
+from flowrra import protocol
+from flowrra.protocol import (
+    Command,
+    Dispatch,
+    ErrorInfo,
+    Outcome,
+    ProtocolError,
+    SlotKind,
+    Submission,
+    TaskStatus,
+    VersionMismatch,
+    Welcome,
+)
+
+log = logging.getLogger("flowrra.broker")
+
+_EXPIRY_KEY = struct.Struct(">Q")
+
+
+class Outbox:
+    """What one tick wants to send, batched per peer, sent after the tick's commit."""
+
+    def __init__(self) -> None:
+        self.acks: dict[bytes, list[list[Any]]] = defaultdict(list)
+        self.tasks: dict[bytes, list[list[Any]]] = defaultdict(list)
+        self.messages: list[tuple[bytes, list[bytes]]] = []
+        self.publications: list[list[bytes]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.acks or self.tasks or self.messages or self.publications)
+
+    def send(self, peer: bytes, command: Command, body: object = None) -> None:
+        self.messages.append((peer, protocol.encode(command, body)))
+
+    def publish(self, topic: str, command: Command, body: object = None) -> None:
+        self.publications.append(protocol.encode_publication(topic.encode(), command, body))
+
+    def take(self) -> tuple[list[tuple[bytes, list[bytes]]], list[list[bytes]]]:
+        """All pending messages as frames, and all publications; empties the outbox."""
+        out = self.messages
+        for peer, items in self.acks.items():
+            out.append((peer, protocol.encode(Command.ACK, items)))
+        for peer, items in self.tasks.items():
+            out.append((peer, protocol.encode(Command.TASKS, items)))
+        publications = self.publications
+        self.acks = defaultdict(list)
+        self.tasks = defaultdict(list)
+        self.messages = []
+        self.publications = []
+        return out, publications
+
+
+class Broker:
+    """Queues, node registry, leases, retry timers and results, over one :class:`Store`."""
+
+    def __init__(self, store: Store, config: BrokerConfig, publish_endpoint: str) -> None:
+        self.store = store
+        self.config = config
+        self.broker_id = uuid.uuid4().hex
+        self.welcome = Welcome(
+            self.broker_id,
+            publish_endpoint,
+            config.heartbeat_interval_ms,
+            config.heartbeat_liveness,
+            config.max_message_bytes,
+        ).to_wire()
+        self.queues = TaskQueues()
+        self.nodes = NodeRegistry(config.heartbeat_interval_ms, config.heartbeat_liveness)
+        self.leases: dict[str, Lease] = {}
+        self.timers = Timers()
+        self.outbox = Outbox()
+        self.enforce_liveness = True
+        self._next_order = 0
+        self._next_sweep = 0.0
+        self._next_housekeeping = 0.0
+        self.counters: dict[str, int] = defaultdict(int)
+
+    # ------------------------------------------------------------------ store helpers
+
+    def load(self, task_id: str) -> TaskRecord | None:
+        data = self.store.get(Table.TASKS, task_id.encode())
+        return None if data is None else TaskRecord.decode(data)
+
+    def save(self, record: TaskRecord) -> None:
+        self.store.put(Table.TASKS, record.task_id.encode(), record.encode())
+
+    def _take_order(self) -> int:
+        self._next_order += 1
+        return self._next_order
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self, now: float) -> None:
+        """Rebuild queues and timers from the store after a start or a crash.
+
+        Attempts that were in flight go back to their queue at their old position; their
+        attempt numbers are kept, so a late result from before the restart is fenced out.
+        """
+        queued = retrying = 0
+        for _key, data in self.store.scan(Table.TASKS):
+            record = TaskRecord.decode(data)
+            self._next_order = max(self._next_order, record.order)
+            if record.status is TaskStatus.PENDING or record.status is TaskStatus.RUNNING:
+                if record.status is TaskStatus.RUNNING:
+                    record.status = TaskStatus.PENDING
+                    record.node_id = None
+                    self.save(record)
+                self.queues.push(record.name, record.priority, record.order, record.task_id)
+                queued += 1
+            elif record.status is TaskStatus.RETRYING:
+                self.timers.schedule(record.retry_at or now, record.task_id)
+                retrying += 1
+        if queued or retrying:
+            log.info("recovered %d queued and %d retrying tasks", queued, retrying)
+
+    # ------------------------------------------------------------------ input
+
+    def handle(self, peer: bytes, frames: list[bytes], now: float) -> None:
+        """Process one message; malformed input is logged and dropped, never raised."""
+        try:
+            message = protocol.decode(frames)
+        except VersionMismatch as exc:
+            log.warning("peer %s: %s", peer.hex(), exc)
+            self.outbox.send(
+                peer, Command.ERROR, {"code": "version", "message": str(exc)}
+            )
+            return
+        except ProtocolError as exc:
+            self.counters["malformed"] += 1
+            log.warning("dropped a malformed message from %s: %s", peer.hex(), exc)
+            return
+        try:
+            self._dispatch_command(peer, message, now)
+        except ProtocolError as exc:
+            self.counters["malformed"] += 1
+            log.warning(
+                "dropped a malformed %s from %s: %s", message.command.name, peer.hex(), exc
+            )
+
+    def _dispatch_command(self, peer: bytes, message: protocol.Message, now: float) -> None:
+        command, body = message.command, message.body
+        if command is Command.SUBMIT:
+            self.accept(peer, protocol.parse_submit(body), now)
+        elif command is Command.RESULTS:
+            self.complete(peer, protocol.parse_results(body), now)
+        elif command is Command.HEARTBEAT:
+            self.heartbeat_from(peer, now)
+        elif command is Command.GET:
+            self.answer_get(peer, body)
+        elif command is Command.HELLO:
+            self.outbox.send(peer, Command.WELCOME, self.welcome)
+        elif command is Command.READY:
+            self.register_node(peer, protocol.parse_ready(body), now)
+        elif command is Command.BYE:
+            self.unregister_node(peer, now, lost=False)
+        else:
+            raise ProtocolError(f"{command.name} is not a request a broker accepts")
+
+    def handle_subscription(self, topic: bytes) -> None:
+        """A subscriber's subscription took effect: replay what is stored for that topic.
+
+        This closes the slow-joiner gap: whatever was published before the subscription was
+        live is sent again now that it is.
+        """
+        try:
+            task_id = topic.decode()
+        except UnicodeDecodeError:
+            return
+        record = self.load(task_id) if task_id else None
+        if record is None:
+            self.outbox.publish(task_id, Command.SUBSCRIBED)
+        else:
+            self.outbox.publish(task_id, Command.RESULT, record.public())
+
+    # ------------------------------------------------------------------ clients
+
+    def accept(self, peer: bytes, submissions: list[Submission], now: float) -> None:
+        """Store and queue submitted tasks; a task id seen before is acknowledged again."""
+        acks = self.outbox.acks[peer]
+        for sub in submissions:
+            if self.store.get(Table.TASKS, sub.task_id.encode()) is None:
+                record = TaskRecord.from_submission(sub, self._take_order())
+                self.save(record)
+                self.queues.push(record.name, record.priority, record.order, record.task_id)
+                self.counters["submitted"] += 1
+            acks.append([sub.task_id, None])
+
+    def answer_get(self, peer: bytes, body: object) -> None:
+        if not isinstance(body, list) or len(body) != 2 or not isinstance(body[0], int):
+            raise ProtocolError("GET body must be [request_id, [task ids]]")
+        request_id = body[0]
+        task_ids = protocol.parse_task_ids(body[1], "GET")
+        records = []
+        for task_id in task_ids:
+            record = self.load(task_id)
+            records.append(None if record is None else record.public())
+        self.outbox.send(peer, Command.STATE, [request_id, records])
+
+    # ------------------------------------------------------------------ nodes
+
+    def register_node(self, peer: bytes, ready: protocol.NodeReady, now: float) -> None:
+        """A node joined (or rejoined): record its capacity and adopt what it still holds."""
+        now_ms = now * 1000
+        previous = self.nodes.get(peer) or self.nodes.by_node_id(ready.node_id)
+        adopted = {task_id: attempt for task_id, attempt in ready.running}
+        if previous is not None:
+            self.nodes.remove(previous.peer)
+            for task_id in list(previous.leases):
+                lease = self.leases.get(task_id)
+                if lease is not None and adopted.get(task_id) != lease.attempt:
+                    self._requeue_lost(task_id, now, count_loss=False)
+        node = self.nodes.add(peer, ready, now_ms)
+        for task_id, attempt in adopted.items():
+            lease = self.leases.get(task_id)
+            if lease is None or lease.attempt != attempt:
+                continue  # the broker moved on; the node's late result will be fenced out
+            lease.node = peer
+            node.leases.add(task_id)
+            node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
+        self.outbox.send(peer, Command.WELCOME, self.welcome)
+        log.info(
+            "node %s joined from %s (pid %d): %d async and %d cpu slots, %d task names",
+            ready.node_id,
+            ready.hostname,
+            ready.pid,
+            ready.async_slots,
+            ready.cpu_slots,
+            len(ready.tasks),
+        )
+
+    def heartbeat_from(self, peer: bytes, now: float) -> None:
+        if self.nodes.touch(peer, now * 1000) is None:
+            # We do not know this node (we restarted, or dropped it): ask it to register.
+            self.outbox.send(peer, Command.RECONNECT)
+
+    def unregister_node(self, peer: bytes, now: float, *, lost: bool) -> None:
+        node = self.nodes.remove(peer)
+        if node is not None:
+            self._release_node(node, now, lost=lost)
+
+    def peer_unreachable(self, peer: bytes, now: float) -> None:
+        """The transport says a peer is gone; if it was a node, its tasks go back."""
+        node = self.nodes.remove(peer)
+        if node is not None:
+            log.warning("node %s disconnected", node.node_id)
+            self._release_node(node, now, lost=True)
+
+    def _release_node(self, node: NodeState, now: float, *, lost: bool) -> None:
+        for task_id in list(node.leases):
+            self._requeue_lost(task_id, now, count_loss=lost)
+        if not lost:
+            log.info("node %s left", node.node_id)
+
+    def _requeue_lost(self, task_id: str, now: float, *, count_loss: bool) -> None:
+        """Put a task whose node is gone back at its old place in the queue."""
+        self.leases.pop(task_id, None)
+        record = self.load(task_id)
+        if record is None or record.status is not TaskStatus.RUNNING:
+            return
+        if count_loss:
+            record.worker_losses += 1
+            if record.worker_losses >= self.config.max_worker_losses:
+                error = ErrorInfo(
+                    "WorkerLostError",
+                    f"the node running this task was lost {record.worker_losses} times",
+                    None,
+                )
+                self._finish(record, None, error, now)
+                return
+        record.status = TaskStatus.PENDING
+        record.node_id = None
+        self.save(record)
+        self.queues.push(record.name, record.priority, record.order, record.task_id)
+        self.counters["requeued"] += 1
+
+    def purge_nodes(self, now: float) -> None:
+        """Drop nodes that missed their liveness window; their tasks run again elsewhere."""
+        for node in self.nodes.expired(now * 1000):
+            log.warning(
+                "node %s missed its heartbeats; re-queueing %d tasks", node.node_id, len(node.leases)
+            )
+            self._release_node(node, now, lost=True)
+
+    def send_heartbeats(self, now: float) -> None:
+        for node in self.nodes.due_for_heartbeat(now * 1000):
+            self.outbox.send(node.peer, Command.HEARTBEAT)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def dispatch(self, now: float) -> None:
+        """Hand queued tasks to nodes with free slots, one per node per round (fair spread)."""
+        if not len(self.queues):
+            return
+        nodes = self.nodes.with_credit()
+        while nodes and len(self.queues):
+            still: list[NodeState] = []
+            for node in nodes:
+                took = False
+                for kind in SlotKind:
+                    names = node.names[kind]
+                    if node.free[kind] > 0 and names:
+                        picked = self.queues.pop_best(names)
+                        if picked is not None:
+                            self._start_attempt(node, kind, picked[1], now)
+                            took = True
+                if took and node.has_credit():
+                    still.append(node)
+            nodes = still
+
+    def _start_attempt(self, node: NodeState, kind: SlotKind, task_id: str, now: float) -> None:
+        record = self.load(task_id)
+        if record is None or record.status is not TaskStatus.PENDING:
+            return  # expired or finished meanwhile
+        record.attempt += 1
+        record.status = TaskStatus.RUNNING
+        record.node_id = node.node_id
+        self.save(record)
+        self.leases[task_id] = Lease(task_id, record.attempt, kind, node.peer)
+        node.leases.add(task_id)
+        node.free[kind] -= 1
+        self.outbox.tasks[node.peer].append(
+            Dispatch(task_id, record.attempt, record.name, record.payload, record.timeout_s).to_wire()
+        )
+
+    # ------------------------------------------------------------------ results
+
+    def complete(self, peer: bytes, outcomes: list[Outcome], now: float) -> None:
+        """Record attempt outcomes; outcomes of attempts no longer current are ignored."""
+        node = self.nodes.touch(peer, now * 1000)
+        for outcome in outcomes:
+            lease = self.leases.get(outcome.task_id)
+            if lease is None or lease.attempt != outcome.attempt:
+                self.counters["stale_results"] += 1
+                log.debug("ignored a stale result for %s#%d", outcome.task_id, outcome.attempt)
+                continue
+            del self.leases[outcome.task_id]
+            holder = node if node is not None and node.peer == lease.node else None
+            holder = holder or self.nodes.get(lease.node)
+            if holder is not None:
+                holder.leases.discard(outcome.task_id)
+                holder.free[lease.kind] += 1
+                if outcome.ok:
+                    holder.tasks_done += 1
+                else:
+                    holder.tasks_failed += 1
+            record = self.load(outcome.task_id)
+            if record is None:
+                continue
+            record.started_at = outcome.started_at
+            if outcome.error is not None and record.retries < record.max_retries:
+                self._schedule_retry(record, outcome.error, now)
+            else:
+                self._finish(record, outcome.value, outcome.error, now, outcome.finished_at)
+        if node is None:
+            self.outbox.send(peer, Command.RECONNECT)
+
+    def _schedule_retry(self, record: TaskRecord, error: ErrorInfo, now: float) -> None:
+        record.retries += 1
+        record.status = TaskStatus.RETRYING
+        record.error = f"{error.exc_type}: {error.message}"
+        record.traceback = error.traceback
+        record.retry_at = now + backoff_s(record.retry_delay_s, record.retries)
+        record.node_id = None
+        self.save(record)
+        self.timers.schedule(record.retry_at, record.task_id)
+        self.counters["retried"] += 1
+        log.info(
+            "task %s (%s) failed with %s; retry %d of %d in %.1fs",
+            record.task_id,
+            record.name,
+            error.exc_type,
+            record.retries,
+            record.max_retries,
+            record.retry_at - now,
+        )
+
+    def _finish(
+        self,
+        record: TaskRecord,
+        value: bytes | None,
+        error: ErrorInfo | None,
+        now: float,
+        finished_at: float | None = None,
+    ) -> None:
+        record.finished_at = finished_at or now
+        record.retry_at = None
+        if error is None:
+            record.status = TaskStatus.SUCCESS
+            record.result = value
+            record.error = record.traceback = None
+            self.counters["succeeded"] += 1
+        else:
+            record.status = TaskStatus.FAILED
+            record.error = f"{error.exc_type}: {error.message}"
+            record.traceback = error.traceback
+            self.counters["failed"] += 1
+            log.warning("task %s (%s) failed: %s", record.task_id, record.name, record.error)
+        self.save(record)
+        expires_ms = int((now + self.config.result_ttl_s) * 1000)
+        self.store.put(Table.EXPIRY, _EXPIRY_KEY.pack(expires_ms) + record.task_id.encode(), b"")
+        self.outbox.publish(record.task_id, Command.RESULT, record.public())
+
+    # ------------------------------------------------------------------ time
+
+    def fire_timers(self, now: float) -> None:
+        for task_id in self.timers.pop_due(now):
+            record = self.load(task_id)
+            if record is None or record.status is not TaskStatus.RETRYING:
+                continue
+            record.status = TaskStatus.PENDING
+            record.retry_at = None
+            record.order = self._take_order()
+            self.save(record)
+            self.queues.push(record.name, record.priority, record.order, record.task_id)
+
+    def expire_results(self, now: float) -> None:
+        """Forget finished tasks whose result TTL has passed."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.config.expiry_sweep_interval_s
+        stop = _EXPIRY_KEY.pack(int(now * 1000) + 1)
+        expired = 0
+        for key, _ in self.store.scan(Table.EXPIRY, b"", stop):
+            self.store.delete(Table.EXPIRY, key)
+            self.store.delete(Table.TASKS, key[_EXPIRY_KEY.size :])
+            expired += 1
+        if expired:
+            log.info("expired %d results", expired)
+
+    def tick(self, now: float) -> None:
+        """Time-driven work, then dispatch; called once per loop iteration."""
+        if now >= self._next_housekeeping:
+            # A few times per heartbeat interval is precise enough and keeps the per-tick
+            # cost independent of the number of nodes.
+            self._next_housekeeping = now + self.config.heartbeat_interval_ms / 4000
+            if self.enforce_liveness:
+                self.purge_nodes(now)
+            self.send_heartbeats(now)
+            self.expire_results(now)
+        if self.timers:
+            self.fire_timers(now)
+        self.dispatch(now)
+
+    def seconds_until_due(self, now: float) -> float:
+        """How long the loop may sleep before :meth:`tick` has work to do."""
+        wait = self._next_housekeeping - now
+        next_timer = self.timers.next_due()
+        if next_timer is not None:
+            wait = min(wait, next_timer - now)
+        return max(wait, 0.0)
+
+    # ------------------------------------------------------------------ introspection
+
+    def queued_names(self) -> Iterable[str]:
+        return self.queues.depth_by_name().keys()

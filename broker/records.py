@@ -1,0 +1,104 @@
+"""The broker's task record: everything it knows about one task, as stored in LMDB."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from flowrra.protocol import ProtocolError, Submission, TaskStatus
+
+_RECORD_FORMAT = 1
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """One task's durable state. ``attempt`` counts dispatches; it fences stale results."""
+
+    task_id: str
+    name: str
+    priority: int
+    payload: bytes
+    max_retries: int
+    retry_delay_s: float
+    timeout_s: float | None
+    submitted_at: float
+    status: TaskStatus = TaskStatus.PENDING
+    attempt: int = 0
+    retries: int = 0
+    order: int = 0  # position within its priority (lower runs first)
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: bytes | None = None
+    error: str | None = None
+    traceback: str | None = None
+    retry_at: float | None = None
+    node_id: str | None = None
+    worker_losses: int = 0
+
+    @classmethod
+    def from_submission(cls, sub: Submission, order: int) -> TaskRecord:
+        return cls(
+            sub.task_id,
+            sub.name,
+            sub.priority,
+            sub.payload,
+            sub.max_retries,
+            sub.retry_delay_s,
+            sub.timeout_s,
+            sub.submitted_at,
+            order=order,
+        )
+
+    def encode(self) -> bytes:
+        return msgpack.packb(  # type: ignore[no-any-return]
+            [
+                _RECORD_FORMAT,
+                self.task_id,
+                self.name,
+                self.priority,
+                self.payload,
+                self.max_retries,
+                self.retry_delay_s,
+                self.timeout_s,
+                self.submitted_at,
+                self.status.value,
+                self.attempt,
+                self.retries,
+                self.order,
+                self.started_at,
+                self.finished_at,
+                self.result,
+                self.error,
+                self.traceback,
+                self.retry_at,
+                self.node_id,
+                self.worker_losses,
+            ],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> TaskRecord:
+        fields = msgpack.unpackb(data, raw=False)
+        if not isinstance(fields, list) or not fields or fields[0] != _RECORD_FORMAT:
+            raise ProtocolError("unknown task record format")
+        record = cls(*fields[1:])
+        record.status = TaskStatus(record.status)
+        return record
+
+    def public(self) -> dict[str, Any]:
+        """The client-facing view (``protocol.RECORD_FIELDS``)."""
+        return {
+            "task_id": self.task_id,
+            "task_name": self.name,
+            "status": self.status.value,
+            "result": self.result,
+            "error": self.error,
+            "traceback": self.traceback,
+            "retries": self.retries,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }

@@ -1,0 +1,127 @@
+"""The broker's view of connected nodes: capacity, credit, leases and liveness.
+
+Pure logic with an injected clock (times in milliseconds), so heartbeat expiry is tested
+without sleeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from flowrra.protocol import NodeReady, SlotKind
+
+
+@dataclass(slots=True)
+class Lease:
+    """One task attempt held by a node."""
+
+    task_id: str
+    attempt: int
+    kind: SlotKind
+    node: bytes  # routing id of the node holding it
+
+
+@dataclass(slots=True)
+class NodeState:
+    """A connected node as the broker tracks it."""
+
+    peer: bytes
+    node_id: str
+    hostname: str
+    pid: int
+    slots: dict[SlotKind, int]
+    free: dict[SlotKind, int]
+    names: dict[SlotKind, tuple[str, ...]]  # task names served, per slot kind
+    last_seen_ms: float
+    last_sent_ms: float
+    joined_ms: float
+    leases: set[str] = field(default_factory=set)  # task ids
+    tasks_done: int = 0
+    tasks_failed: int = 0
+
+    def has_credit(self) -> bool:
+        return any(self.free[kind] > 0 and self.names[kind] for kind in SlotKind)
+
+
+class NodeRegistry:
+    """Nodes by routing id, with liveness expiry."""
+
+    def __init__(self, heartbeat_interval_ms: int, liveness: int) -> None:
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.expiry_ms = heartbeat_interval_ms * liveness
+        self._nodes: dict[bytes, NodeState] = {}
+        self._last_check_ms: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[NodeState]:
+        return iter(self._nodes.values())
+
+    def get(self, peer: bytes) -> NodeState | None:
+        return self._nodes.get(peer)
+
+    def by_node_id(self, node_id: str) -> NodeState | None:
+        for node in self._nodes.values():
+            if node.node_id == node_id:
+                return node
+        return None
+
+    def add(self, peer: bytes, ready: NodeReady, now_ms: float) -> NodeState:
+        slots = {SlotKind.ASYNC: ready.async_slots, SlotKind.CPU: ready.cpu_slots}
+        names = {
+            kind: tuple(sorted(n for n, k in ready.tasks.items() if k is kind)) for kind in SlotKind
+        }
+        node = NodeState(
+            peer=peer,
+            node_id=ready.node_id,
+            hostname=ready.hostname,
+            pid=ready.pid,
+            slots=slots,
+            free=dict(slots),
+            names=names,
+            last_seen_ms=now_ms,
+            last_sent_ms=now_ms,
+            joined_ms=now_ms,
+        )
+        self._nodes[peer] = node
+        return node
+
+    def remove(self, peer: bytes) -> NodeState | None:
+        return self._nodes.pop(peer, None)
+
+    def touch(self, peer: bytes, now_ms: float) -> NodeState | None:
+        node = self._nodes.get(peer)
+        if node is not None:
+            node.last_seen_ms = now_ms
+        return node
+
+    def expired(self, now_ms: float) -> list[NodeState]:
+        """Nodes silent for longer than the liveness window (removed from the registry).
+
+        If the broker itself was stalled for most of a window (a long GC pause, a slow disk),
+        silence proves nothing about the nodes, so their clocks restart instead.
+        """
+        last = self._last_check_ms
+        self._last_check_ms = now_ms
+        if last is not None and now_ms - last > self.expiry_ms / 2:
+            for node in self._nodes.values():
+                node.last_seen_ms = max(node.last_seen_ms, now_ms)
+            return []
+        dead = [n for n in self._nodes.values() if now_ms - n.last_seen_ms > self.expiry_ms]
+        for node in dead:
+            del self._nodes[node.peer]
+        return dead
+
+    def due_for_heartbeat(self, now_ms: float) -> list[NodeState]:
+        """Nodes the broker has not sent anything to for a heartbeat interval."""
+        due = [
+            n for n in self._nodes.values() if now_ms - n.last_sent_ms >= self.heartbeat_interval_ms
+        ]
+        for node in due:
+            node.last_sent_ms = now_ms
+        return due
+
+    def with_credit(self) -> list[NodeState]:
+        return [n for n in self._nodes.values() if n.has_credit()]

@@ -1,0 +1,99 @@
+"""The broker's event loop: drain, handle, tick, commit once, then send.
+
+The same :class:`BrokerService` runs in the ``flowrra-broker`` process over ZeroMQ sockets
+and inside an app's own event loop over the in-process hub (the embedded default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from broker.config import BrokerConfig
+from broker.core import Broker
+from broker.store import Durability, LmdbStore, MemoryStore, Store
+from flowrra.transport import BrokerEndpoint, Wakeup
+
+log = logging.getLogger("flowrra.broker")
+
+# Most messages handled per tick: bounds the latency of a tick while still batching.
+DRAIN_LIMIT = 2000
+
+
+def open_store(config: BrokerConfig) -> Store:
+    """The LMDB store under ``data_dir``, or the in-memory twin when there is none."""
+    if config.data_dir is None:
+        return MemoryStore()
+    return LmdbStore(config.data_dir, config.durability)
+
+
+class BrokerService:
+    """Runs a :class:`Broker` over a transport endpoint until :meth:`stop` is called."""
+
+    def __init__(
+        self, broker: Broker, endpoint: BrokerEndpoint, wakeup: Wakeup, store: Store
+    ) -> None:
+        self.broker = broker
+        self.endpoint = endpoint
+        self.wakeup = wakeup
+        self.store = store
+        self._stopping = False
+        # An fsync'd commit takes hundreds of microseconds: run it off the event loop so an
+        # embedded app (or the node sharing this loop) keeps running meanwhile.
+        durable = isinstance(store, LmdbStore) and store.durability is Durability.FULL
+        self._writer = ThreadPoolExecutor(1, "flowrra-commit") if durable else None
+        self.ready = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        broker, endpoint = self.broker, self.endpoint
+        broker.enforce_liveness = endpoint.peers_can_vanish
+        broker.recover(time.time())
+        if broker.store.dirty:
+            await self._commit()
+        self.ready.set()
+        try:
+            while not self._stopping:
+                messages, topics = endpoint.drain(DRAIN_LIMIT)
+                now = time.time()
+                handle = broker.handle
+                for peer, frames in messages:
+                    handle(peer, frames, now)
+                for topic in topics:
+                    broker.handle_subscription(topic)
+                broker.tick(now)
+                if self.store.dirty:
+                    await self._commit()
+                if broker.outbox:
+                    self._flush(now)
+                if messages or topics:
+                    await asyncio.sleep(0)  # let the other coroutines of this loop run
+                else:
+                    await self.wakeup.wait(broker.seconds_until_due(time.time()))
+        finally:
+            if self.store.dirty:
+                await self._commit()
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+
+    async def _commit(self) -> None:
+        if self._writer is None:
+            self.store.commit()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit)
+
+    def _flush(self, now: float) -> None:
+        messages, publications = self.broker.outbox.take()
+        send = self.endpoint.send
+        for peer, frames in messages:
+            if not send(peer, frames):
+                self.broker.peer_unreachable(peer, now)
+                self.wakeup.set()  # its tasks were re-queued: dispatch them next tick
+        publish = self.endpoint.publish
+        for frames in publications:
+            publish(frames)

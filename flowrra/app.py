@@ -1,0 +1,285 @@
+"""The user-facing application object: define tasks, submit them, get results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flowrra.client import BrokerClient
+from flowrra.errors import FlowrraError, TaskNotFoundError
+from flowrra.protocol import Submission, pack_args
+from flowrra.result import TaskResult
+from flowrra.task import TaskSpec, make_spec
+from flowrra.transport import InprocHub, Wakeup, ZmqConnector
+
+if TYPE_CHECKING:
+    from broker.server import BrokerService
+    from node.worker import Node
+
+log = logging.getLogger("flowrra")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Flowrra:
+    """A Flowrra application: a task registry plus a connection to a broker.
+
+    Use :meth:`from_urls`: with no broker URL the broker and a node run inside this process
+    (the embedded default); with ``broker="tcp://host:5555"`` this app is a client of a remote
+    broker, and ``flowrra-node --app module:app`` processes run its tasks.
+    """
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        data_dir: str | None = None,
+        durability: str = "fast",
+        concurrency: int = 100,
+        processes: int | None = None,
+        connect_timeout: float = 10.0,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.broker_url = broker
+        self.data_dir = data_dir
+        self.durability = durability
+        self.concurrency = concurrency
+        self.processes = processes
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self._tasks: dict[str, TaskSpec] = {}
+        self._by_function: dict[Callable[..., Any], TaskSpec] = {}
+        self._client: BrokerClient | None = None
+        self._service: BrokerService | None = None
+        self._node: Node | None = None
+        self._background: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def from_urls(cls, broker: str | None = None, **options: Any) -> Flowrra:
+        """An app for ``broker`` (a ``tcp://`` URL), or the embedded default when omitted.
+
+        Embedded options: ``data_dir`` (keep state in LMDB there instead of in memory),
+        ``durability``, ``concurrency`` and ``processes`` (the in-process node's slots).
+        """
+        return cls(broker, **options)
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    # ------------------------------------------------------------------ tasks
+
+    def task(
+        self,
+        name: str | None = None,
+        max_retries: int = 3,
+        retry_delay: float = 1.0,
+        priority: int = 0,
+        cpu_bound: bool = False,
+        timeout: float | None = None,
+    ) -> Callable[[F], F]:
+        """Register a function as a task; the function itself is returned unchanged."""
+
+        def register(fn: F) -> F:
+            spec = make_spec(
+                fn,
+                name=name,
+                max_retries=max_retries,
+                retry_delay=retry_delay,
+                priority=priority,
+                cpu_bound=cpu_bound,
+                timeout=timeout,
+            )
+            existing = self._tasks.get(spec.name)
+            if existing is not None and existing.fn is not fn:
+                raise ValueError(f"a different function is already registered as {spec.name!r}")
+            self._tasks[spec.name] = spec
+            self._by_function[fn] = spec
+            return fn
+
+        return register
+
+    @property
+    def tasks(self) -> Mapping[str, TaskSpec]:
+        """Registered tasks by name."""
+        return self._tasks
+
+    def spec_for(self, task: Callable[..., Any] | str) -> TaskSpec:
+        """The registration of ``task`` (a decorated function or a task name)."""
+        spec = self._tasks.get(task) if isinstance(task, str) else self._by_function.get(task)
+        if spec is None:
+            what = task if isinstance(task, str) else getattr(task, "__qualname__", repr(task))
+            raise TaskNotFoundError(
+                f"{what!r} is not a registered task of this app; decorate it with @app.task()"
+            )
+        return spec
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect to the broker, or start the embedded broker and node."""
+        if self._client is not None:
+            return
+        if self.embedded:
+            hub = await self._start_embedded()
+            client = BrokerClient(
+                hub, connect_timeout_s=self.connect_timeout, request_timeout_s=self.request_timeout
+            )
+        else:
+            assert self.broker_url is not None
+            client = BrokerClient(
+                ZmqConnector(self.broker_url),
+                connect_timeout_s=self.connect_timeout,
+                request_timeout_s=self.request_timeout,
+            )
+        try:
+            await client.connect()
+        except BaseException:
+            await self.stop()
+            raise
+        self._client = client
+
+    async def _start_embedded(self) -> InprocHub:
+        from broker.config import BrokerConfig
+        from broker.core import Broker
+        from broker.server import BrokerService, open_store
+        from broker.store import Durability
+        from node.worker import Node
+
+        wakeup = Wakeup()
+        hub = InprocHub(wakeup)
+        config = BrokerConfig(data_dir=self.data_dir, durability=Durability(self.durability))
+        store = open_store(config)
+        service = BrokerService(Broker(store, config, hub.publish_endpoint), hub, wakeup, store)
+        self._service = service
+        self._background.append(asyncio.create_task(service.run(), name="flowrra-broker"))
+        await self._until(service.ready)
+        node = Node(self, hub, concurrency=self.concurrency, processes=self.processes)
+        self._node = node
+        self._background.append(asyncio.create_task(node.run(), name="flowrra-node"))
+        await self._until(node.ready)
+        return hub
+
+    async def _until(self, event: asyncio.Event) -> None:
+        """Wait for ``event``, but fail fast if a background task died first."""
+        waiter = asyncio.create_task(event.wait())
+        done, _ = await asyncio.wait(
+            [waiter, *self._background], return_when=asyncio.FIRST_COMPLETED
+        )
+        if waiter not in done:
+            waiter.cancel()
+            for task in done:
+                task.result()  # raises what killed it
+            raise FlowrraError("the embedded broker or node stopped during start-up")
+
+    async def stop(self) -> None:
+        """Disconnect, and stop the embedded node and broker."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+        if self._node is not None:
+            self._node.stop()
+        if self._service is not None:
+            self._service.stop()
+        background, self._background = self._background, []
+        for task in background:
+            try:
+                await task
+            except Exception:
+                log.exception("embedded %s failed", task.get_name())
+        self._node = None
+        self._service = None
+
+    async def __aenter__(self) -> Flowrra:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ submitting
+
+    def _connected(self) -> BrokerClient:
+        if self._client is None:
+            raise FlowrraError("the app is not started: use 'async with app:' or 'await app.start()'")
+        return self._client
+
+    def _submission(
+        self,
+        client: BrokerClient,
+        spec: TaskSpec,
+        args: Iterable[Any],
+        kwargs: dict[str, Any],
+        priority: int | None,
+    ) -> Submission:
+        return Submission(
+            task_id=client.new_task_id(),
+            name=spec.name,
+            priority=spec.priority if priority is None else priority,
+            payload=pack_args(list(args), kwargs),
+            max_retries=spec.max_retries,
+            retry_delay_s=spec.retry_delay,
+            timeout_s=spec.timeout,
+            submitted_at=time.time(),
+        )
+
+    async def submit(
+        self, task: Callable[..., Any] | str, *args: Any, priority: int | None = None, **kwargs: Any
+    ) -> str:
+        """Queue one call of ``task``; returns its id once the broker has stored it.
+
+        Arguments must be msgpack values (plus datetime and bytes); anything else raises
+        :class:`~flowrra.errors.SerializationError` before anything is sent.
+        """
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        spec = self.spec_for(task)
+        client = self._connected()
+        submission = self._submission(client, spec, args, kwargs, priority)
+        await client.submit([submission])
+        return submission.task_id
+
+    async def submit_many(
+        self,
+        task: Callable[..., Any] | str,
+        calls: Iterable[Iterable[Any] | tuple[Iterable[Any], dict[str, Any]]],
+        *,
+        priority: int | None = None,
+    ) -> list[str]:
+        """Queue many calls of one task with a single acknowledgement.
+
+        Each item of ``calls`` is a sequence of positional arguments, or an
+        ``(args, kwargs)`` pair when it is a 2-tuple whose second item is a dict.
+        """
+        spec = self.spec_for(task)
+        client = self._connected()
+        submissions = []
+        for call in calls:
+            if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
+                args, kwargs = call
+            else:
+                args, kwargs = call, {}
+            submissions.append(self._submission(client, spec, args, kwargs, priority))
+        await client.submit(submissions)
+        return [s.task_id for s in submissions]
+
+    # ------------------------------------------------------------------ results
+
+    async def wait_for_result(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        """Wait until the task is complete; raises TimeoutError after ``timeout`` seconds."""
+        record = await self._connected().wait(task_id, timeout)
+        return TaskResult.from_record(record)
+
+    async def get_result(self, task_id: str) -> TaskResult | None:
+        """The task's current state without waiting; None for an unknown id."""
+        (record,) = await self._connected().get([task_id])
+        return None if record is None else TaskResult.from_record(record)

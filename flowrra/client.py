@@ -1,0 +1,354 @@
+"""The client's connection to a broker: submit tasks, receive results, query state.
+
+Results arrive as pushes on the broker's PUB socket. The client subscribes to its own id
+prefix once (every task id it creates starts with it) and waits until the broker confirms the
+subscription is live before the first submit, so no result of its own can slip past. For a task
+id created elsewhere it subscribes to that id and asks for the stored state; the broker also
+replays stored state whenever a subscription becomes live, which closes the slow-joiner gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from flowrra import protocol
+from flowrra.errors import BrokerUnavailable, FlowrraError, MessageTooLargeError, SubmitRejected
+from flowrra.protocol import Command, ProtocolError, Submission, TaskStatus, Welcome
+from flowrra.transport import Connector, Link, Subscriber, Wakeup
+
+log = logging.getLogger("flowrra.client")
+
+# Final results kept for tasks nobody is waiting on yet (submit now, wait later).
+RESULT_CACHE_SIZE = 50_000
+# Submissions per SUBMIT message: large enough to batch, small enough to stay far below the
+# broker's message size limit with typical payloads.
+SUBMIT_BATCH = 1000
+_FINAL = (TaskStatus.SUCCESS.value, TaskStatus.FAILED.value)
+
+
+class _AckWait:
+    """Acknowledgements still expected for one submit call."""
+
+    __slots__ = ("error", "future", "remaining")
+
+    def __init__(self, future: asyncio.Future[None], count: int) -> None:
+        self.future = future
+        self.remaining = count
+        self.error: str | None = None
+
+
+class BrokerClient:
+    """One client session with a broker, over any :class:`Connector`."""
+
+    def __init__(
+        self,
+        connector: Connector,
+        *,
+        connect_timeout_s: float = 10.0,
+        request_timeout_s: float = 30.0,
+    ) -> None:
+        self._connector = connector
+        self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.client_id = os.urandom(8).hex()
+        self._prefix = self.client_id.encode()
+        self._ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._wakeup = Wakeup()
+        self._link: Link | None = None
+        self._subscriber: Subscriber | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._welcome: asyncio.Future[Welcome] | None = None
+        self._live: asyncio.Event = asyncio.Event()
+        self.welcome: Welcome | None = None
+        # Each time the prefix subscription is confirmed (again, after a reconnect) the epoch
+        # grows; a task submitted in the current epoch will have its result pushed.
+        self._epoch = 0
+        self._acks: dict[str, _AckWait] = {}
+        self._gets: dict[int, asyncio.Future[list[dict[str, Any] | None]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._unresolved: dict[str, int] = {}
+        self._outgoing: list[list[Any]] = []
+        self._flush_scheduled = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> None:
+        """Handshake with the broker and make the result subscription live."""
+        loop = asyncio.get_running_loop()
+        self._link = self._connector.link(self._wakeup)
+        self._welcome = loop.create_future()
+        self._reader = loop.create_task(self._read_loop(), name="flowrra-client-reader")
+        self._link.send(protocol.encode(Command.HELLO, {"role": "client", "id": self.client_id}))
+        try:
+            self.welcome = await asyncio.wait_for(self._welcome, self.connect_timeout_s)
+            self._subscriber = self._connector.subscriber(
+                self.welcome.publish_endpoint, self._wakeup
+            )
+            self._subscriber.subscribe(self._prefix)
+            await asyncio.wait_for(self._live.wait(), self.connect_timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise BrokerUnavailable(
+                f"no answer from the broker within {self.connect_timeout_s}s"
+            ) from None
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        for closable in (self._subscriber, self._link):
+            if closable is not None:
+                closable.close()
+        error = BrokerUnavailable("the client was closed")
+        for wait in self._acks.values():
+            if not wait.future.done():
+                wait.future.set_exception(error)
+        for get in self._gets.values():
+            if not get.done():
+                get.set_exception(error)
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(error)
+
+    # ------------------------------------------------------------------ requests
+
+    def new_task_id(self) -> str:
+        return f"{self.client_id}{next(self._ids):016x}"
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.welcome.max_message_bytes if self.welcome else protocol.MAX_MESSAGE_BYTES
+
+    async def submit(self, submissions: Sequence[Submission]) -> None:
+        """Send tasks and return once the broker has acknowledged (stored) all of them."""
+        self._check_open()
+        limit = self.max_message_bytes - 4096  # headroom for the message envelope
+        for sub in submissions:
+            if len(sub.payload) > limit:
+                raise MessageTooLargeError(
+                    f"task {sub.name} arguments encode to {len(sub.payload)} bytes; "
+                    f"the broker accepts messages up to {self.max_message_bytes} bytes"
+                )
+        loop = asyncio.get_running_loop()
+        wait = _AckWait(loop.create_future(), len(submissions))
+        epoch = self._epoch
+        for sub in submissions:
+            self._acks[sub.task_id] = wait
+            self._unresolved[sub.task_id] = epoch
+            self._outgoing.append(sub.to_wire())
+        self._schedule_flush()
+        await self._bounded(wait.future, "acknowledge the submit")
+        if wait.error is not None:
+            raise SubmitRejected(wait.error)
+
+    async def get(self, task_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """The broker's stored records for ``task_ids`` (None for unknown ids)."""
+        self._check_open()
+        future = self._request_state(task_ids)
+        return await self._bounded(future, "answer a state query")
+
+    async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any]:
+        """The final record of ``task_id``, pushed by the broker when the task completes."""
+        self._check_open()
+        cached = self._results.get(task_id)
+        if cached is not None:
+            return cached
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._waiters.setdefault(task_id, []).append(future)
+        own = task_id.startswith(self.client_id)
+        topic = task_id.encode()
+        if not own and self._subscriber is not None:
+            self._subscriber.subscribe(topic)
+        if not own or self._unresolved.get(task_id) != self._epoch:
+            # Its result may have been published while we could not hear it: ask.
+            self._request_state([task_id])
+        handle = None
+        if timeout_s is not None:
+            handle = loop.call_later(timeout_s, _time_out, future, task_id, timeout_s)
+        try:
+            return await future
+        finally:
+            if handle is not None:
+                handle.cancel()
+            waiters = self._waiters.get(task_id)
+            if waiters is not None:
+                if future in waiters:
+                    waiters.remove(future)
+                if not waiters:
+                    del self._waiters[task_id]
+            if not own and self._subscriber is not None and not self._closed:
+                self._subscriber.unsubscribe(topic)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed or self._link is None:
+            raise FlowrraError("the client is not connected (use 'async with app:')")
+
+    async def _bounded(self, future: asyncio.Future[Any], what: str) -> Any:
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(self.request_timeout_s, _unavailable, future, what, self)
+        try:
+            return await future
+        finally:
+            handle.cancel()
+
+    def _request_state(self, task_ids: Sequence[str]) -> asyncio.Future[list[Any]]:
+        request_id = next(self._request_ids)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._gets[request_id] = future
+        assert self._link is not None
+        self._link.send(protocol.encode(Command.GET, [request_id, list(task_ids)]))
+        return future
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        outgoing, self._outgoing = self._outgoing, []
+        if self._link is None or self._closed:
+            return
+        for start in range(0, len(outgoing), SUBMIT_BATCH):
+            batch = outgoing[start : start + SUBMIT_BATCH]
+            self._send_submit(batch)
+
+    def _send_submit(self, batch: list[list[Any]]) -> None:
+        frames = protocol.encode(Command.SUBMIT, batch)
+        if len(frames[2]) > self.max_message_bytes and len(batch) > 1:
+            half = len(batch) // 2
+            self._send_submit(batch[:half])
+            self._send_submit(batch[half:])
+            return
+        assert self._link is not None
+        self._link.send(frames)
+
+    async def _read_loop(self) -> None:
+        wakeup = self._wakeup
+        while True:
+            link, subscriber = self._link, self._subscriber
+            replies = link.drain(1000) if link is not None else []
+            publications = subscriber.drain(1000) if subscriber is not None else []
+            for frames in replies:
+                self._on_reply(frames)
+            for frames in publications:
+                self._on_publication(frames)
+            if not replies and not publications:
+                await wakeup.wait(None)
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        try:
+            message = protocol.decode(frames)
+            command, body = message.command, message.body
+            if command is Command.ACK:
+                self._on_acks(protocol.parse_ack(body))
+            elif command is Command.STATE:
+                self._on_state(body)
+            elif command is Command.WELCOME:
+                welcome = protocol.parse_welcome(body)
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_result(welcome)
+            elif command is Command.ERROR:
+                code, text = protocol.parse_error(body)
+                log.error("broker error (%s): %s", code, text)
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_exception(FlowrraError(f"broker refused us: {text}"))
+        except ProtocolError as exc:
+            log.warning("ignored a malformed reply from the broker: %s", exc)
+
+    def _on_acks(self, acks: list[protocol.Ack]) -> None:
+        pending = self._acks
+        for ack in acks:
+            wait = pending.pop(ack.task_id, None)
+            if wait is None:
+                continue  # a duplicate acknowledgement
+            if ack.error is not None:
+                wait.error = wait.error or f"task {ack.task_id}: {ack.error}"
+                self._unresolved.pop(ack.task_id, None)
+            wait.remaining -= 1
+            if wait.remaining == 0 and not wait.future.done():
+                wait.future.set_result(None)
+
+    def _on_state(self, body: object) -> None:
+        if not isinstance(body, list) or len(body) != 2 or not isinstance(body[1], list):
+            raise ProtocolError("STATE body must be [request_id, [records]]")
+        request_id, raw_records = body
+        records = [None if r is None else protocol.parse_record(r) for r in raw_records]
+        for record in records:
+            if record is not None and record["status"] in _FINAL:
+                self._deliver(record)
+        future = self._gets.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_result(records)
+
+    def _on_publication(self, frames: list[bytes]) -> None:
+        if len(frames) < 3:
+            return
+        try:
+            message = protocol.decode(frames[1:])
+            if message.command is Command.RESULT:
+                record = protocol.parse_record(message.body)
+                if record["status"] in _FINAL:
+                    self._deliver(record)
+            elif message.command is Command.SUBSCRIBED and frames[0] == self._prefix:
+                self._on_prefix_live()
+        except ProtocolError as exc:
+            log.warning("ignored a malformed publication: %s", exc)
+
+    def _on_prefix_live(self) -> None:
+        self._epoch += 1
+        first = not self._live.is_set()
+        self._live.set()
+        if not first:
+            # The subscription was re-established (broker restart or reconnect): results may
+            # have been published while it was down, so ask for everything still awaited.
+            log.info("result subscription re-established; re-checking %d tasks", len(self._waiters))
+            if self._waiters:
+                self._request_state(list(self._waiters))
+
+    def _deliver(self, record: dict[str, Any]) -> None:
+        task_id = record["task_id"]
+        self._unresolved.pop(task_id, None)
+        results = self._results
+        results[task_id] = record
+        if len(results) > RESULT_CACHE_SIZE:
+            results.popitem(last=False)
+        waiters = self._waiters.get(task_id)
+        if waiters:
+            for future in waiters:
+                if not future.done():
+                    future.set_result(record)
+
+
+def _time_out(future: asyncio.Future[Any], task_id: str, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError(f"task {task_id} did not finish within {timeout_s}s"))
+
+
+def _unavailable(future: asyncio.Future[Any], what: str, client: BrokerClient) -> None:
+    if not future.done():
+        future.set_exception(
+            BrokerUnavailable(f"the broker did not {what} within {client.request_timeout_s}s")
+        )

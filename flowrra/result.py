@@ -1,0 +1,56 @@
+"""What a client gets back about a task."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from flowrra.protocol import TaskStatus, unpack_value
+
+
+def _when(timestamp: float | None) -> dt.datetime | None:
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """A task's status and, once it is complete, its result or its error."""
+
+    task_id: str
+    task_name: str
+    status: TaskStatus
+    result: Any = None
+    error: str | None = None  # "ExceptionType: message" of the last failed attempt
+    traceback: str | None = None
+    retries: int = 0
+    submitted_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+    @property
+    def success(self) -> bool:
+        """True when the task finished and returned a value."""
+        return self.status is TaskStatus.SUCCESS
+
+    @property
+    def is_complete(self) -> bool:
+        """True once the task has a final status (success or failed)."""
+        return self.status.is_final
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> TaskResult:
+        """Build from a public task record (``protocol.RECORD_FIELDS``)."""
+        packed = record["result"]
+        return cls(
+            task_id=record["task_id"],
+            task_name=record["task_name"],
+            status=TaskStatus(record["status"]),
+            result=None if packed is None else unpack_value(packed),
+            error=record["error"],
+            traceback=record["traceback"],
+            retries=record["retries"],
+            submitted_at=_when(record["submitted_at"]),
+            started_at=_when(record["started_at"]),
+            finished_at=_when(record["finished_at"]),
+        )

@@ -1,0 +1,121 @@
+"""Task definitions: what ``@app.task(...)`` records about a function."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flowrra.protocol import SlotKind
+
+_MAIN_MODULES = ("__main__", "__mp_main__")
+
+
+def importable_module_name(module: str) -> str:
+    """The name a module is importable under, even when it runs as a script (``__main__``).
+
+    ``python -m pkg.mod`` gives ``pkg.mod``; ``python path/mod.py`` gives ``mod``, which is what
+    ``flowrra-node --app mod:app`` imports from the same directory, so names agree.
+    """
+    if module not in _MAIN_MODULES:
+        return module
+    main = sys.modules.get(module)
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name not in _MAIN_MODULES:
+        name: str = spec.name
+        return name.removesuffix(".__main__")
+    path = getattr(main, "__file__", None)
+    if path:
+        return os.path.splitext(os.path.basename(path))[0]
+    return module
+
+
+def default_task_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of ``fn``, stable between client and node."""
+    return f"{importable_module_name(fn.__module__)}.{fn.__qualname__}"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A registered task: its function, name and execution options."""
+
+    name: str
+    fn: Callable[..., Any]
+    max_retries: int
+    retry_delay: float
+    priority: int
+    cpu_bound: bool
+    timeout: float | None
+    is_async: bool
+
+    @property
+    def kind(self) -> SlotKind:
+        """The node capacity this task uses."""
+        return SlotKind.CPU if self.cpu_bound else SlotKind.ASYNC
+
+    @property
+    def module(self) -> str:
+        """Module a worker process imports to find the function."""
+        return self.fn.__module__
+
+    @property
+    def qualname(self) -> str:
+        return self.fn.__qualname__
+
+
+def make_spec(
+    fn: Callable[..., Any],
+    *,
+    name: str | None,
+    max_retries: int,
+    retry_delay: float,
+    priority: int,
+    cpu_bound: bool,
+    timeout: float | None,
+) -> TaskSpec:
+    """Validate decorator arguments; a wrong combination is a TypeError or ValueError now."""
+    if not callable(fn):
+        raise TypeError(f"@app.task() decorates functions, not {type(fn).__qualname__}")
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise TypeError(f"{fn.__qualname__} is a generator; a task must return one value")
+    is_async = inspect.iscoroutinefunction(fn)
+    if cpu_bound and is_async:
+        raise TypeError(
+            f"{fn.__qualname__} is 'async def' but cpu_bound=True: cpu_bound tasks run in worker "
+            "processes and must be plain 'def' functions; drop cpu_bound for I/O-bound coroutines"
+        )
+    if cpu_bound and ("<locals>" in fn.__qualname__ or not hasattr(fn, "__module__")):
+        raise TypeError(
+            f"{fn.__qualname__} is defined inside another function; cpu_bound tasks must be "
+            "module-level functions so worker processes can import them"
+        )
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+    if not _finite_number(retry_delay) or retry_delay < 0:
+        raise ValueError(f"retry_delay must be a number >= 0, got {retry_delay!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority must be an int, got {priority!r}")
+    if timeout is not None and (not _finite_number(timeout) or timeout <= 0):
+        raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    return TaskSpec(
+        name=name or default_task_name(fn),
+        fn=fn,
+        max_retries=max_retries,
+        retry_delay=float(retry_delay),
+        priority=priority,
+        cpu_bound=cpu_bound,
+        timeout=None if timeout is None else float(timeout),
+        is_async=is_async,
+    )
+
+
+def _finite_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    )

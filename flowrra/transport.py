@@ -1,0 +1,491 @@
+"""Moving frames between client, broker and node: ZeroMQ sockets or an in-process hub.
+
+The broker, node and client are written against three small interfaces, so the embedded
+default runs exactly the same broker and node code as the distributed mode:
+
+* :class:`Link` — a peer's connection to the broker (a DEALER socket, or an in-process twin);
+* :class:`Subscriber` — a client's result subscription (a SUB socket, or its twin);
+* :class:`BrokerEndpoint` — the broker side (ROUTER + XPUB sockets, or the hub itself).
+
+Every side drains whatever is ready in one go (``drain``) and sleeps on a :class:`Wakeup`
+when there is nothing left, so work is batched per event-loop tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import zmq
+
+from flowrra.protocol import MAX_MESSAGE_BYTES
+
+log = logging.getLogger("flowrra.transport")
+
+Frames = list[bytes]
+
+# ZeroMQ send/recv flags as plain ints: pyzmq's enum arithmetic showed up in profiles.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
+# Socket high-water marks. Peers bound what they put in flight with credit, so these only
+# absorb bursts; the client's SUB side is unbounded so results are never dropped in transit.
+ROUTER_SNDHWM = 100_000
+PUB_SNDHWM = 1_000_000
+
+
+class Wakeup:
+    """A level-triggered flag that one coroutine can sleep on, with a timeout."""
+
+    __slots__ = ("_flag", "_waiter")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._flag = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout_s: float | None) -> None:
+        """Return when :meth:`set` was called (now or earlier) or the timeout passed."""
+        if self._flag:
+            self._flag = False
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiter = waiter
+        handle = None
+        if timeout_s is not None:
+            handle = loop.call_later(max(timeout_s, 0.0), _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._waiter = None
+            self._flag = False
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Link(Protocol):
+    """A peer's (client's or node's) connection to the broker."""
+
+    def send(self, frames: Frames) -> None: ...
+    def drain(self, limit: int) -> list[Frames]: ...
+    def close(self) -> None: ...
+
+
+class Subscriber(Protocol):
+    """A client's subscription to the broker's result publications."""
+
+    def subscribe(self, topic: bytes) -> None: ...
+    def unsubscribe(self, topic: bytes) -> None: ...
+    def drain(self, limit: int) -> list[Frames]: ...
+    def close(self) -> None: ...
+
+
+class BrokerEndpoint(Protocol):
+    """The broker's side of the transport."""
+
+    #: False when peers live in the broker's own process and cannot vanish on their own.
+    peers_can_vanish: bool
+    publish_endpoint: str
+
+    def drain(self, limit: int) -> tuple[list[tuple[bytes, Frames]], list[bytes]]:
+        """Return up to ``limit`` messages as (peer, frames) and any new subscription topics."""
+        ...
+
+    def send(self, peer: bytes, frames: Frames) -> bool:
+        """Send to one peer; False when that peer is no longer connected."""
+        ...
+
+    def publish(self, frames: Frames) -> None: ...
+    def close(self) -> None: ...
+
+
+class Connector(Protocol):
+    """Makes links and subscribers to one broker; the client and node take one of these."""
+
+    def link(self, wakeup: Wakeup) -> Link: ...
+    def subscriber(self, publish_endpoint: str, wakeup: Wakeup) -> Subscriber: ...
+
+
+# --------------------------------------------------------------------------- ZeroMQ
+
+
+class _Watched:
+    """Wakes a :class:`Wakeup` when a zmq socket becomes readable.
+
+    The zmq FD is edge-triggered and a send can consume the edge, so every send and every
+    drain that stops early re-checks ``EVENTS`` rather than trusting the FD alone.
+    """
+
+    def __init__(self, socket: zmq.Socket[bytes], wakeup: Wakeup) -> None:
+        self.socket = socket
+        self.wakeup = wakeup
+        self._loop = asyncio.get_running_loop()
+        self._fd = socket.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self.check)
+        self._closed = False
+
+    def check(self) -> None:
+        if not self._closed and self.socket.getsockopt(_EVENTS) & _POLLIN:
+            self.wakeup.set()
+
+    def drain(self, limit: int) -> list[Frames]:
+        out: list[Frames] = []
+        recv = self.socket.recv_multipart
+        try:
+            while len(out) < limit:
+                out.append(recv(_NOBLOCK))
+        except zmq.Again:
+            pass
+        if len(out) >= limit:
+            self.wakeup.set()
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        self.socket.close(linger=0)
+
+
+class ZmqLink(_Watched):
+    """A DEALER connected to the broker."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], url: str, wakeup: Wakeup) -> None:
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 0)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        # Do not queue messages for a broker that is not there yet beyond what the
+        # credit windows allow; reconnect quickly after a broker restart.
+        socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        socket.connect(url)
+        super().__init__(socket, wakeup)
+
+    def send(self, frames: Frames) -> None:
+        self.socket.send_multipart(frames, copy=True)
+        self.check()
+
+
+class ZmqSubscriber(_Watched):
+    """A SUB connected to the broker's publish endpoint."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], url: str, wakeup: Wakeup) -> None:
+        socket = context.socket(zmq.SUB)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        socket.connect(url)
+        super().__init__(socket, wakeup)
+
+    def subscribe(self, topic: bytes) -> None:
+        self.socket.setsockopt(zmq.SUBSCRIBE, topic)
+        self.check()
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.socket.setsockopt(zmq.UNSUBSCRIBE, topic)
+        self.check()
+
+
+class ZmqConnector:
+    """Connects links and subscribers over ZeroMQ to ``broker_url``."""
+
+    def __init__(self, broker_url: str, context: zmq.Context[zmq.Socket[bytes]] | None = None):
+        self.broker_url = broker_url
+        self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
+
+    def link(self, wakeup: Wakeup) -> Link:
+        return ZmqLink(self.context, self.broker_url, wakeup)
+
+    def subscriber(self, publish_endpoint: str, wakeup: Wakeup) -> Subscriber:
+        return ZmqSubscriber(self.context, publish_endpoint, wakeup)
+
+
+def default_publish_endpoint(bind_url: str) -> str:
+    """The PUB endpoint next to a ROUTER bind URL: same host, port + 1."""
+    scheme, sep, rest = bind_url.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if scheme != "tcp" or not sep or not colon or not port.isdigit():
+        raise ValueError(f"cannot derive a publish endpoint from {bind_url!r}; pass one")
+    return f"tcp://{host}:{int(port) + 1}"
+
+
+def connectable(endpoint: str) -> str:
+    """Turn a bind address such as ``tcp://0.0.0.0:5556`` into one peers can connect to."""
+    for wildcard in ("tcp://0.0.0.0:", "tcp://*:"):
+        if endpoint.startswith(wildcard):
+            return "tcp://127.0.0.1:" + endpoint[len(wildcard) :]
+    return endpoint
+
+
+class ZmqBrokerEndpoint:
+    """The broker's ROUTER (requests from clients and nodes) and XPUB (results) sockets."""
+
+    peers_can_vanish = True
+
+    def __init__(
+        self,
+        bind_url: str,
+        publish_url: str | None,
+        wakeup: Wakeup,
+        *,
+        advertised_publish: str | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
+        router = self.context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.SNDHWM, ROUTER_SNDHWM)
+        router.setsockopt(zmq.RCVHWM, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        router.bind(bind_url)
+        publisher = self.context.socket(zmq.XPUB)
+        publisher.setsockopt(zmq.LINGER, 0)
+        publisher.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
+        # Every subscription reaches the broker, so it can replay stored state to a late
+        # subscriber (the slow-joiner fix: zguide ch. 5, last-value cache).
+        publisher.setsockopt(zmq.XPUB_VERBOSE, 1)
+        publish_url = publish_url or default_publish_endpoint(bind_url)
+        try:
+            publisher.bind(publish_url)
+        except zmq.ZMQError:
+            router.close(linger=0)
+            publisher.close(linger=0)
+            raise
+        self.bind_url = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.publish_endpoint = advertised_publish or connectable(
+            publisher.getsockopt(zmq.LAST_ENDPOINT).decode()
+        )
+        self._router = _Watched(router, wakeup)
+        self._publisher = _Watched(publisher, wakeup)
+        # Messages a peer's full pipe refused (EAGAIN), retried in order on later ticks.
+        self._backlog: dict[bytes, deque[Frames]] = {}
+
+    def drain(self, limit: int) -> tuple[list[tuple[bytes, Frames]], list[bytes]]:
+        if self._backlog:
+            self._retry_backlog()
+        messages: list[tuple[bytes, Frames]] = []
+        for frames in self._router.drain(limit):
+            if len(frames) < 2:
+                continue  # no routing id or empty: nothing to answer
+            messages.append((frames[0], frames[1:]))
+        # XPUB delivers b"\x01" + topic for a subscription, b"\x00" + topic for its end.
+        topics = [
+            frames[0][1:]
+            for frames in self._publisher.drain(limit)
+            if frames and frames[0][:1] == b"\x01"
+        ]
+        return messages, topics
+
+    def send(self, peer: bytes, frames: Frames) -> bool:
+        backlog = self._backlog.get(peer)
+        if backlog is not None:
+            backlog.append(frames)
+            return True
+        return self._send_now(peer, frames)
+
+    def _send_now(self, peer: bytes, frames: Frames) -> bool:
+        socket = self._router.socket
+        try:
+            socket.send(peer, _NOBLOCK | _SNDMORE)
+            socket.send_multipart(frames, _NOBLOCK)
+        except zmq.Again:
+            self._backlog.setdefault(peer, deque()).append(frames)
+            log.warning("peer %s is not reading; holding its messages", peer.hex())
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+        finally:
+            self._router.check()
+        return True
+
+    def _retry_backlog(self) -> None:
+        for peer in list(self._backlog):
+            backlog = self._backlog.pop(peer)
+            while backlog:
+                frames = backlog.popleft()
+                if not self._send_now(peer, frames):
+                    backlog.clear()
+                    break
+                if peer in self._backlog:  # refused again: keep the rest in order behind it
+                    self._backlog[peer].extend(backlog)
+                    break
+
+    def publish(self, frames: Frames) -> None:
+        self._publisher.socket.send_multipart(frames)
+        self._publisher.check()
+
+    def close(self) -> None:
+        self._router.close()
+        self._publisher.close()
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+class InprocHub:
+    """An in-process stand-in for the broker's sockets, used by the embedded default.
+
+    Frames are handed over as Python objects (no copies, no syscalls), but they are the same
+    encoded frames the ZeroMQ transport carries, so every side runs its normal code.
+    """
+
+    peers_can_vanish = False
+    publish_endpoint = "inproc://flowrra-results"
+
+    def __init__(self, broker_wakeup: Wakeup) -> None:
+        self._wakeup = broker_wakeup
+        self._inbox: deque[tuple[bytes, Frames]] = deque()
+        self._new_topics: list[bytes] = []
+        self._links: dict[bytes, _InprocLink] = {}
+        self._subscribers: list[_InprocSubscriber] = []
+
+    # broker side ---------------------------------------------------------------------
+
+    def drain(self, limit: int) -> tuple[list[tuple[bytes, Frames]], list[bytes]]:
+        inbox = self._inbox
+        if len(inbox) <= limit:
+            messages = list(inbox)
+            inbox.clear()
+        else:
+            messages = [inbox.popleft() for _ in range(limit)]
+            self._wakeup.set()
+        topics, self._new_topics = self._new_topics, []
+        return messages, topics
+
+    def send(self, peer: bytes, frames: Frames) -> bool:
+        link = self._links.get(peer)
+        if link is None:
+            return False
+        link.inbox.append(frames)
+        link.wakeup.set()
+        return True
+
+    def publish(self, frames: Frames) -> None:
+        topic = frames[0]
+        for subscriber in self._subscribers:
+            if subscriber.matches(topic):
+                subscriber.inbox.append(frames)
+                subscriber.wakeup.set()
+
+    def close(self) -> None:
+        self._inbox.clear()
+
+    # peer side -----------------------------------------------------------------------
+
+    def link(self, wakeup: Wakeup) -> Link:
+        identity = os.urandom(5)
+        link = _InprocLink(identity, wakeup, self._deliver, lambda: self._links.pop(identity))
+        self._links[identity] = link
+        return link
+
+    def subscriber(self, publish_endpoint: str, wakeup: Wakeup) -> Subscriber:
+        subscriber = _InprocSubscriber(wakeup, self._subscribed, self._subscribers.remove)
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    def _deliver(self, identity: bytes, frames: Frames) -> None:
+        self._inbox.append((identity, frames))
+        self._wakeup.set()
+
+    def _subscribed(self, topic: bytes) -> None:
+        self._new_topics.append(topic)
+        self._wakeup.set()
+
+
+class _InprocLink:
+    def __init__(
+        self,
+        identity: bytes,
+        wakeup: Wakeup,
+        deliver: Callable[[bytes, Frames], None],
+        on_close: Callable[[], object],
+    ) -> None:
+        self.identity = identity
+        self.wakeup = wakeup
+        self.inbox: deque[Frames] = deque()
+        self._deliver = deliver
+        self._on_close = on_close
+        self._closed = False
+
+    def send(self, frames: Frames) -> None:
+        if not self._closed:
+            self._deliver(self.identity, frames)
+
+    def drain(self, limit: int) -> list[Frames]:
+        return _drain_deque(self.inbox, limit, self.wakeup)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_close()
+
+
+class _InprocSubscriber:
+    def __init__(
+        self,
+        wakeup: Wakeup,
+        on_subscribe: Callable[[bytes], None],
+        on_close: Callable[[_InprocSubscriber], None],
+    ) -> None:
+        self.wakeup = wakeup
+        self.inbox: deque[Frames] = deque()
+        self._topics: dict[bytes, int] = {}
+        self._on_subscribe = on_subscribe
+        self._on_close = on_close
+        self._closed = False
+
+    def matches(self, topic: bytes) -> bool:
+        return any(topic.startswith(prefix) for prefix in self._topics)
+
+    def subscribe(self, topic: bytes) -> None:
+        count = self._topics.get(topic, 0)
+        self._topics[topic] = count + 1
+        if count == 0:  # like a SUB socket: only the first subscription travels upstream
+            self._on_subscribe(topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        count = self._topics.get(topic, 0)
+        if count <= 1:
+            self._topics.pop(topic, None)
+        else:
+            self._topics[topic] = count - 1
+
+    def drain(self, limit: int) -> list[Frames]:
+        return _drain_deque(self.inbox, limit, self.wakeup)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_close(self)
+
+
+def _drain_deque(inbox: deque[Frames], limit: int, wakeup: Wakeup) -> list[Frames]:
+    if len(inbox) <= limit:
+        out = list(inbox)
+        inbox.clear()
+        return out
+    wakeup.set()
+    return [inbox.popleft() for _ in range(limit)]
