@@ -1,0 +1,92 @@
+"""``flowrra-node``: import the user's app, then run a :class:`Node` against a broker."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+
+import click
+
+from flowrra.app import Flowrra
+from flowrra.exitcodes import ExitCode
+from flowrra.logs import configure_logging
+from flowrra.transport import ZmqConnector
+from node.worker import Node
+
+log = logging.getLogger("flowrra.node")
+
+
+def import_app(spec: str) -> Flowrra:
+    """Import ``package.module:attribute`` (the attribute defaults to ``app``)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name:
+        raise click.BadParameter(f"expected 'package.module:app', got {spec!r}")
+    # Like `python -m`, make the working directory importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    app = getattr(module, attribute or "app", None)
+    if not isinstance(app, Flowrra):
+        raise click.BadParameter(f"{spec!r} is not a Flowrra app (got {type(app).__qualname__})")
+    return app
+
+
+async def run_node(node: Node, broker: str) -> None:
+    """Run ``node`` until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, _on_signal, node, signum)
+    log.info(
+        "node %s connecting to %s: %d async slots, %d worker processes, tasks: %s",
+        node.node_id,
+        broker,
+        node.concurrency,
+        node.processes,
+        ", ".join(sorted(node.specs)) or "(none)",
+    )
+    await node.run()
+
+
+def _on_signal(node: Node, signum: int) -> None:
+    log.info("received %s, shutting down", signal.Signals(signum).name)
+    node.stop()
+
+
+@click.command(context_settings={"auto_envvar_prefix": "FLOWRRA", "show_default": True})
+@click.option("--app", "app_spec", required=True, help="The app to serve, as 'module:attribute'.")
+@click.option("--broker", default="tcp://127.0.0.1:5555", help="The broker's ROUTER endpoint.")
+@click.option("--concurrency", default=100, type=click.IntRange(min=1), help="Async slots.")
+@click.option(
+    "--processes",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Worker processes for cpu_bound tasks [default: CPU count].",
+)
+@click.option("--node-id", default=None, help="A stable name for this node [default: host-pid].")
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
+def main(
+    app_spec: str,
+    broker: str,
+    concurrency: int,
+    processes: int | None,
+    node_id: str | None,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run a Flowrra node. Every option can also be set as FLOWRRA_<OPTION>."""
+    configure_logging(log_level, log_format)
+    try:
+        app = import_app(app_spec)
+    except (ImportError, click.BadParameter) as exc:
+        log.error("cannot load the app %r: %s", app_spec, exc)
+        sys.exit(ExitCode.CONFIG)
+    node = Node(
+        app, ZmqConnector(broker), concurrency=concurrency, processes=processes, node_id=node_id
+    )
+    asyncio.run(run_node(node, broker))
+    sys.exit(ExitCode.OK)
