@@ -15,8 +15,8 @@ from broker.core import Broker
 from broker.server import BrokerService, open_store
 from broker.store import Durability
 from flowrra.exitcodes import ExitCode
-from flowrra.logs import configure_logging
-from flowrra.transport import ZmqBrokerEndpoint, Wakeup
+from flowrra.logs import LOG_LEVELS, configure_logging
+from flowrra.transport import Wakeup, ZmqBrokerEndpoint
 
 log = logging.getLogger("flowrra.broker")
 
@@ -32,7 +32,9 @@ async def serve(config: BrokerConfig) -> None:
         max_message_bytes=config.max_message_bytes,
     )
     store = open_store(config)
-    service = BrokerService(Broker(store, config, endpoint.publish_endpoint), endpoint, wakeup, store)
+    service = BrokerService(
+        Broker(store, config, endpoint.publish_endpoint), endpoint, wakeup, store
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _on_signal, service, signum)
@@ -76,7 +78,7 @@ def _on_signal(service: BrokerService, signum: int) -> None:
 @click.option("--result-ttl", default=86400.0, type=click.FloatRange(min=1), help="Seconds.")
 @click.option("--max-message-bytes", default=16 * 1024 * 1024, type=click.IntRange(min=1024))
 @click.option("--max-worker-losses", default=3, type=click.IntRange(min=1))
-@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--log-level", default="INFO", type=click.Choice(LOG_LEVELS))
 @click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
 def main(
     bind: str,

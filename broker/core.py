@@ -22,12 +22,12 @@ from broker.registry import Lease, NodeRegistry, NodeState
 from broker.store import Store, Table
 from broker.timers import Timers, backoff_s
 from flowrra import protocol
+from flowrra.errors import ProtocolError
 from flowrra.protocol import (
     Command,
     Dispatch,
     ErrorInfo,
     Outcome,
-    ProtocolError,
     SlotKind,
     Submission,
     TaskStatus,
@@ -144,9 +144,7 @@ class Broker:
             message = protocol.decode(frames)
         except VersionMismatch as exc:
             log.warning("peer %s: %s", peer.hex(), exc)
-            self.outbox.send(
-                peer, Command.ERROR, {"code": "version", "message": str(exc)}
-            )
+            self.outbox.send(peer, Command.ERROR, {"code": "version", "message": str(exc)})
             return
         except ProtocolError as exc:
             self.counters["malformed"] += 1
@@ -156,9 +154,7 @@ class Broker:
             self._dispatch_command(peer, message, now)
         except ProtocolError as exc:
             self.counters["malformed"] += 1
-            log.warning(
-                "dropped a malformed %s from %s: %s", message.command.name, peer.hex(), exc
-            )
+            log.warning("dropped a malformed %s from %s: %s", message.command.name, peer.hex(), exc)
 
     def _dispatch_command(self, peer: bytes, message: protocol.Message, now: float) -> None:
         command, body = message.command, message.body
@@ -300,7 +296,9 @@ class Broker:
         """Drop nodes that missed their liveness window; their tasks run again elsewhere."""
         for node in self.nodes.expired(now * 1000):
             log.warning(
-                "node %s missed its heartbeats; re-queueing %d tasks", node.node_id, len(node.leases)
+                "node %s missed its heartbeats; re-queueing %d tasks",
+                node.node_id,
+                len(node.leases),
             )
             self._release_node(node, now, lost=True)
 
@@ -342,7 +340,9 @@ class Broker:
         node.leases.add(task_id)
         node.free[kind] -= 1
         self.outbox.tasks[node.peer].append(
-            Dispatch(task_id, record.attempt, record.name, record.payload, record.timeout_s).to_wire()
+            Dispatch(
+                task_id, record.attempt, record.name, record.payload, record.timeout_s
+            ).to_wire()
         )
 
     # ------------------------------------------------------------------ results

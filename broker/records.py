@@ -7,7 +7,8 @@ from typing import Any
 
 import msgpack
 
-from flowrra.protocol import ProtocolError, Submission, TaskStatus
+from flowrra.errors import ProtocolError
+from flowrra.protocol import Submission, TaskStatus
 
 _RECORD_FORMAT = 1
 

@@ -76,7 +76,7 @@ class MemoryStore:
     def get(self, table: Table, key: bytes) -> bytes | None:
         pending = self._pending.get((table, key), _MISSING)
         if pending is not _MISSING:
-            return pending  # type: ignore[return-value]
+            return pending  # type: ignore[no-any-return]
         return self._tables[table].get(key)
 
     def put(self, table: Table, key: bytes, value: bytes) -> None:

@@ -210,7 +210,9 @@ class Flowrra:
 
     def _connected(self) -> BrokerClient:
         if self._client is None:
-            raise FlowrraError("the app is not started: use 'async with app:' or 'await app.start()'")
+            raise FlowrraError(
+                "the app is not started: use 'async with app:' or 'await app.start()'"
+            )
         return self._client
 
     def _submission(

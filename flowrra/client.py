@@ -10,6 +10,7 @@ replays stored state whenever a subscription becomes live, which closes the slow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -18,8 +19,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from flowrra import protocol
-from flowrra.errors import BrokerUnavailable, FlowrraError, MessageTooLargeError, SubmitRejected
-from flowrra.protocol import Command, ProtocolError, Submission, TaskStatus, Welcome
+from flowrra.errors import (
+    BrokerUnavailable,
+    FlowrraError,
+    MessageTooLargeError,
+    ProtocolError,
+    SubmitRejected,
+)
+from flowrra.protocol import Command, Submission, TaskStatus, Welcome
 from flowrra.transport import Connector, Link, Subscriber, Wakeup
 
 log = logging.getLogger("flowrra.client")
@@ -110,10 +117,8 @@ class BrokerClient:
         self._closed = True
         if self._reader is not None:
             self._reader.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-            except asyncio.CancelledError:
-                pass
         for closable in (self._subscriber, self._link):
             if closable is not None:
                 closable.close()
@@ -164,7 +169,8 @@ class BrokerClient:
         """The broker's stored records for ``task_ids`` (None for unknown ids)."""
         self._check_open()
         future = self._request_state(task_ids)
-        return await self._bounded(future, "answer a state query")
+        records: list[dict[str, Any] | None] = await self._bounded(future, "answer a state query")
+        return records
 
     async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any]:
         """The final record of ``task_id``, pushed by the broker when the task completes."""

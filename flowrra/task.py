@@ -26,7 +26,7 @@ def importable_module_name(module: str) -> str:
     main = sys.modules.get(module)
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name and spec.name not in _MAIN_MODULES:
-        name: str = spec.name
+        name = str(spec.name)
         return name.removesuffix(".__main__")
     path = getattr(main, "__file__", None)
     if path:
@@ -116,6 +116,4 @@ def make_spec(
 
 
 def _finite_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -137,12 +137,12 @@ class _Watched:
         self.socket = socket
         self.wakeup = wakeup
         self._loop = asyncio.get_running_loop()
-        self._fd = socket.getsockopt(zmq.FD)
+        self._fd: int = socket.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop.add_reader(self._fd, self.check)
         self._closed = False
 
     def check(self) -> None:
-        if not self._closed and self.socket.getsockopt(_EVENTS) & _POLLIN:
+        if not self._closed and self.socket.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
             self.wakeup.set()
 
     def drain(self, limit: int) -> list[Frames]:
@@ -273,9 +273,9 @@ class ZmqBrokerEndpoint:
             router.close(linger=0)
             publisher.close(linger=0)
             raise
-        self.bind_url = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.bind_url = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.publish_endpoint = advertised_publish or connectable(
-            publisher.getsockopt(zmq.LAST_ENDPOINT).decode()
+            publisher.getsockopt_string(zmq.LAST_ENDPOINT)
         )
         self._router = _Watched(router, wakeup)
         self._publisher = _Watched(publisher, wakeup)

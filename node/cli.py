@@ -13,7 +13,7 @@ import click
 
 from flowrra.app import Flowrra
 from flowrra.exitcodes import ExitCode
-from flowrra.logs import configure_logging
+from flowrra.logs import LOG_LEVELS, configure_logging
 from flowrra.transport import ZmqConnector
 from node.worker import Node
 
@@ -67,7 +67,7 @@ def _on_signal(node: Node, signum: int) -> None:
     help="Worker processes for cpu_bound tasks [default: CPU count].",
 )
 @click.option("--node-id", default=None, help="A stable name for this node [default: host-pid].")
-@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--log-level", default="INFO", type=click.Choice(LOG_LEVELS))
 @click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
 def main(
     app_spec: str,

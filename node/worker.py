@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from flowrra import protocol
-from flowrra.errors import RemoteTaskError, TaskTimeoutError
-from flowrra.protocol import Command, Dispatch, ErrorInfo, Outcome, ProtocolError, SlotKind
+from flowrra.errors import ProtocolError, RemoteTaskError, TaskTimeoutError
+from flowrra.protocol import Command, Dispatch, ErrorInfo, Outcome, SlotKind
 from flowrra.task import TaskSpec
 from flowrra.transport import Connector, Link, Wakeup
 from node.process_pool import FunctionRef, ProcessPool
@@ -197,7 +197,9 @@ class Node:
             del self._running[dispatch.task_id]
         self.tasks_done += 1
         self._outcomes.append(
-            Outcome(dispatch.task_id, dispatch.attempt, value, error, started, time.time()).to_wire()
+            Outcome(
+                dispatch.task_id, dispatch.attempt, value, error, started, time.time()
+            ).to_wire()
         )
         if not self._flush_scheduled:
             self._flush_scheduled = True
