@@ -30,7 +30,7 @@ def importable_module_name(module: str) -> str:
         return name.removesuffix(".__main__")
     path = getattr(main, "__file__", None)
     if path:
-        return os.path.splitext(os.path.basename(path))[0]
+        return os.path.splitext(os.path.basename(str(path)))[0]
     return module
 
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from flowrra.errors import RemoteTaskError, TaskTimeoutError, WorkerLostError
 from flowrra.protocol import pack_args, unpack_value
@@ -22,9 +23,23 @@ FUNCS = "tests.node.pool_funcs"
 
 MakePool = Callable[[int], Awaitable[ProcessPool]]
 
+# One event loop for the module, so the well-behaved tests can share one pool: starting a
+# spawn worker costs a few tenths of a second.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-@pytest.fixture
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def shared_pool() -> AsyncIterator[ProcessPool]:
+    """A 2-worker pool for tests that leave every worker alive and idle."""
+    pool = ProcessPool(2)
+    await pool.start()
+    yield pool
+    await pool.close(grace_s=0.5)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def make_pool() -> AsyncIterator[MakePool]:
+    """Fresh pools for tests that kill workers or close the pool."""
     pools: list[ProcessPool] = []
 
     async def make(size: int) -> ProcessPool:
@@ -70,8 +85,8 @@ async def distinct_pids(pool: ProcessPool) -> set[int]:
     return found
 
 
-async def test_start_gives_a_full_pool(make_pool: MakePool) -> None:
-    pool = await make_pool(2)
+async def test_start_gives_a_full_pool(shared_pool: ProcessPool) -> None:
+    pool = shared_pool
     assert pool.size == 2
     assert pool.alive == 2
     assert pool.idle == 2
@@ -79,8 +94,8 @@ async def test_start_gives_a_full_pool(make_pool: MakePool) -> None:
     assert os.getpid() not in pool.pids
 
 
-async def test_results_round_trip(make_pool: MakePool) -> None:
-    pool = await make_pool(1)
+async def test_results_round_trip(shared_pool: ProcessPool) -> None:
+    pool = shared_pool
     assert await call(pool, "add", 2, b=40) == 42
     assert await call(pool, "echo", 1, "two", [3.0, None], flag=True, nested={"k": b"v"}) == [
         [1, "two", [3.0, None]],
@@ -91,8 +106,8 @@ async def test_results_round_trip(make_pool: MakePool) -> None:
     assert result == {"when": when + dt.timedelta(days=1), "blob": b"\xff\x01\x00", "size": 3}
 
 
-async def test_calls_run_in_parallel(make_pool: MakePool) -> None:
-    pool = await make_pool(2)
+async def test_calls_run_in_parallel(shared_pool: ProcessPool) -> None:
+    pool = shared_pool
     await distinct_pids(pool)  # both workers have imported the task module
     started = time.monotonic()
     (pid_a, start_a, end_a), (pid_b, start_b, end_b) = await asyncio.gather(
@@ -106,8 +121,8 @@ async def test_calls_run_in_parallel(make_pool: MakePool) -> None:
     assert elapsed < 1.5 * single, (elapsed, single)
 
 
-async def test_exception_becomes_remote_task_error(make_pool: MakePool) -> None:
-    pool = await make_pool(1)
+async def test_exception_becomes_remote_task_error(shared_pool: ProcessPool) -> None:
+    pool = shared_pool
     with pytest.raises(RemoteTaskError) as info:
         await call(pool, "fail", "bad input 42")
     err = info.value
@@ -127,16 +142,16 @@ async def test_exception_becomes_remote_task_error(make_pool: MakePool) -> None:
     assert await call(pool, "add", 1, 1) == 2
 
 
-async def test_unencodable_result_is_serialization_error(make_pool: MakePool) -> None:
-    pool = await make_pool(1)
+async def test_unencodable_result_is_serialization_error(shared_pool: ProcessPool) -> None:
+    pool = shared_pool
     with pytest.raises(RemoteTaskError) as info:
         await call(pool, "unencodable")
     assert info.value.exc_type == "SerializationError"
     assert "set" in info.value.message
 
 
-async def test_unresolvable_functions(make_pool: MakePool) -> None:
-    pool = await make_pool(1)
+async def test_unresolvable_functions(shared_pool: ProcessPool) -> None:
+    pool = shared_pool
     payload = pack_args([], {})
     with pytest.raises(RemoteTaskError) as info:
         await pool.run(FunctionRef("tests.node.no_such_module", "f"), payload, None)
@@ -150,7 +165,7 @@ async def test_unresolvable_functions(make_pool: MakePool) -> None:
     assert await call(pool, "add", 1, 2) == 3
 
 
-def test_main_module_resolves_to_the_spawned_main(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_main_module_resolves_to_the_spawned_main(monkeypatch: pytest.MonkeyPatch) -> None:
     mp_main = types.ModuleType("__mp_main__")
     mp_main.task = lambda: "from __mp_main__"  # type: ignore[attr-defined]
     monkeypatch.setitem(__import__("sys").modules, "__mp_main__", mp_main)
@@ -200,8 +215,8 @@ async def test_idle_worker_killed_from_outside_is_replaced(make_pool: MakePool) 
     assert not pid_exists(pid)
 
 
-async def test_more_calls_than_workers_all_complete(make_pool: MakePool) -> None:
-    pool = await make_pool(2)
+async def test_more_calls_than_workers_all_complete(shared_pool: ProcessPool) -> None:
+    pool = shared_pool
     results = await asyncio.gather(*(call(pool, "burn", 0.05) for _ in range(7)))
     assert len({pid for pid, _, _ in results}) == 2
     # Never more than one call per process: at most two calls overlap at any moment.
