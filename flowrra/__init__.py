@@ -1,5 +1,7 @@
 """Flowrra: a ZeroMQ task fabric. Run Python functions as background tasks, anywhere."""
 
+import logging
+
 from flowrra.app import Flowrra
 from flowrra.errors import (
     BrokerUnavailable,
@@ -34,3 +36,6 @@ __all__ = [
     "WorkerLostError",
     "__version__",
 ]
+
+# A library logs only where the application asked it to.
+logging.getLogger("flowrra").addHandler(logging.NullHandler())
