@@ -116,4 +116,7 @@ def main(
     except ValueError as exc:
         log.error("%s", exc)
         sys.exit(ExitCode.CONFIG)
+    except Exception:
+        log.exception("the broker stopped on an internal error")
+        sys.exit(ExitCode.SOFTWARE)
     sys.exit(ExitCode.OK)

@@ -38,6 +38,8 @@ from flowrra.protocol import (
 log = logging.getLogger("flowrra.broker")
 
 _EXPIRY_KEY = struct.Struct(">Q")
+# The holder of a lease recovered from the store, until a node claims it.
+_ORPHAN = b""
 
 
 class Outbox:
@@ -96,6 +98,7 @@ class Broker:
         self._next_order = 0
         self._next_sweep = 0.0
         self._next_housekeeping = 0.0
+        self._orphans_until: float | None = None
         self.counters: dict[str, int] = defaultdict(int)
 
     # ------------------------------------------------------------------ store helpers
@@ -114,27 +117,63 @@ class Broker:
     # ------------------------------------------------------------------ recovery
 
     def recover(self, now: float) -> None:
-        """Rebuild queues and timers from the store after a start or a crash.
+        """Rebuild queues, leases and timers from the store after a start or a crash.
 
-        Attempts that were in flight go back to their queue at their old position; their
-        attempt numbers are kept, so a late result from before the restart is fenced out.
+        Attempts that were in flight become orphaned leases for one liveness window: a node
+        that still runs one re-registers and adopts it, or reports its outcome, and the attempt
+        counts. Orphans nobody claims go back to their queue at their old position. Attempt
+        numbers are durable, so a result from a superseded attempt is always fenced out.
         """
-        queued = retrying = 0
+        queued = running = retrying = 0
         for _key, data in self.store.scan(Table.TASKS):
             record = TaskRecord.decode(data)
             self._next_order = max(self._next_order, record.order)
-            if record.status is TaskStatus.PENDING or record.status is TaskStatus.RUNNING:
-                if record.status is TaskStatus.RUNNING:
-                    record.status = TaskStatus.PENDING
-                    record.node_id = None
-                    self.save(record)
+            if record.status is TaskStatus.PENDING:
                 self.queues.push(record.name, record.priority, record.order, record.task_id)
                 queued += 1
+            elif record.status is TaskStatus.RUNNING:
+                self.leases[record.task_id] = Lease(
+                    record.task_id, record.attempt, SlotKind.ASYNC, _ORPHAN
+                )
+                running += 1
             elif record.status is TaskStatus.RETRYING:
                 self.timers.schedule(record.retry_at or now, record.task_id)
                 retrying += 1
-        if queued or retrying:
-            log.info("recovered %d queued and %d retrying tasks", queued, retrying)
+        if running:
+            # Two liveness windows: time for every surviving node to notice and re-register.
+            self._orphans_until = now + 2 * self.nodes.expiry_ms / 1000
+        if queued or running or retrying:
+            log.info(
+                "recovered %d queued, %d in flight and %d retrying tasks", queued, running, retrying
+            )
+
+    def abandon_tick(self, reason: str, now: float) -> None:
+        """The tick's writes could not be committed: refuse its submissions, drop the rest
+        of its output, and rebuild the in-memory state from what the store really holds."""
+        refused = self.outbox.acks
+        self.outbox = Outbox()
+        for peer, items in refused.items():
+            self.outbox.acks[peer] = [
+                [item[0], f"broker storage error: {reason}"] for item in items
+            ]
+        self.queues = TaskQueues()
+        self.leases = {}
+        self.timers = Timers()
+        for node in self.nodes:
+            node.leases.clear()
+            node.free = dict(node.slots)
+        self.recover(now)
+
+    def requeue_orphans(self, now: float) -> None:
+        """Re-queue recovered in-flight attempts that no node claimed in time."""
+        if self._orphans_until is None or now < self._orphans_until:
+            return
+        self._orphans_until = None
+        orphans = [tid for tid, lease in self.leases.items() if lease.node == _ORPHAN]
+        for task_id in orphans:
+            self._requeue_lost(task_id, now, count_loss=False)
+        if orphans:
+            log.info("re-queued %d in-flight tasks that no node reclaimed", len(orphans))
 
     # ------------------------------------------------------------------ input
 
@@ -233,6 +272,13 @@ class Broker:
             lease = self.leases.get(task_id)
             if lease is None or lease.attempt != attempt:
                 continue  # the broker moved on; the node's late result will be fenced out
+            if lease.node == _ORPHAN:
+                record = self.load(task_id)
+                if record is None:
+                    continue
+                lease.kind = ready.tasks.get(record.name, SlotKind.ASYNC)
+                record.node_id = ready.node_id
+                self.save(record)
             lease.node = peer
             node.leases.add(task_id)
             node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
@@ -458,6 +504,7 @@ class Broker:
             self._next_housekeeping = now + self.config.heartbeat_interval_ms / 4000
             if self.enforce_liveness:
                 self.purge_nodes(now)
+            self.requeue_orphans(now)
             self.send_heartbeats(now)
             self.expire_results(now)
         if self.timers:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from broker.config import BrokerConfig
 from broker.core import Broker
-from broker.store import Durability, LmdbStore, MemoryStore, Store
+from broker.store import Durability, LmdbStore, MemoryStore, Store, StoreFullError
 from flowrra.transport import BrokerEndpoint, Wakeup
 
 log = logging.getLogger("flowrra.broker")
@@ -82,10 +82,17 @@ class BrokerService:
                 self._writer.shutdown(wait=True)
 
     async def _commit(self) -> None:
-        if self._writer is None:
-            self.store.commit()
-        else:
-            await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit)
+        try:
+            if self._writer is None:
+                self.store.commit()
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit)
+        except StoreFullError as exc:
+            # Nothing of this tick reached the disk: say so to the submitters instead of
+            # acknowledging tasks the store does not hold.
+            log.error("commit failed, refusing this tick's submissions: %s", exc)
+            self.store.discard()
+            self.broker.abandon_tick(str(exc), time.time())
 
     def _flush(self, now: float) -> None:
         messages, publications = self.broker.outbox.take()

@@ -60,6 +60,10 @@ class Store(Protocol):
         """Apply all buffered writes atomically (safe to call from a worker thread)."""
         ...
 
+    def discard(self) -> None:
+        """Forget buffered writes (after a commit failed)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -103,6 +107,9 @@ class MemoryStore:
                 self._tables[table].pop(key, None)
             else:
                 self._tables[table][key] = value
+
+    def discard(self) -> None:
+        self._pending = {}
 
     def close(self) -> None:
         self._pending.clear()
@@ -197,6 +204,9 @@ class LmdbStore:
                 self._grow()
             except lmdb.DiskError as exc:
                 raise StoreFullError(f"the disk under {self.path} is full: {exc}") from exc
+        self._pending = {}
+
+    def discard(self) -> None:
         self._pending = {}
 
     def _grow(self) -> None:

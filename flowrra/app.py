@@ -222,9 +222,12 @@ class Flowrra:
         args: Iterable[Any],
         kwargs: dict[str, Any],
         priority: int | None,
+        task_id: str | None = None,
     ) -> Submission:
+        if task_id is not None and (not isinstance(task_id, str) or not 0 < len(task_id) <= 200):
+            raise ValueError(f"task_id must be a string of 1 to 200 characters, got {task_id!r}")
         return Submission(
-            task_id=client.new_task_id(),
+            task_id=task_id or client.new_task_id(),
             name=spec.name,
             priority=spec.priority if priority is None else priority,
             payload=pack_args(list(args), kwargs),
@@ -235,18 +238,25 @@ class Flowrra:
         )
 
     async def submit(
-        self, task: Callable[..., Any] | str, *args: Any, priority: int | None = None, **kwargs: Any
+        self,
+        task: Callable[..., Any] | str,
+        *args: Any,
+        priority: int | None = None,
+        task_id: str | None = None,
+        **kwargs: Any,
     ) -> str:
         """Queue one call of ``task``; returns its id once the broker has stored it.
 
         Arguments must be msgpack values (plus datetime and bytes); anything else raises
-        :class:`~flowrra.errors.SerializationError` before anything is sent.
+        :class:`~flowrra.errors.SerializationError` before anything is sent. ``priority``
+        overrides the task's default; ``task_id`` makes the submit idempotent: submitting an
+        id the broker already has queues nothing new and returns the same id.
         """
         if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
             raise TypeError(f"priority must be an int, got {priority!r}")
         spec = self.spec_for(task)
         client = self._connected()
-        submission = self._submission(client, spec, args, kwargs, priority)
+        submission = self._submission(client, spec, args, kwargs, priority, task_id)
         await client.submit([submission])
         return submission.task_id
 

@@ -31,6 +31,9 @@ from flowrra.transport import Connector, Link, Subscriber, Wakeup
 
 log = logging.getLogger("flowrra.client")
 
+# An unacknowledged submit (or unanswered query) is sent again after this long: the broker
+# may have restarted and lost it before committing. Task ids make the resend idempotent.
+RESEND_INTERVAL_S = 1.0
 # Final results kept for tasks nobody is waiting on yet (submit now, wait later).
 RESULT_CACHE_SIZE = 50_000
 # Submissions per SUBMIT message: large enough to batch, small enough to stay far below the
@@ -79,6 +82,9 @@ class BrokerClient:
         self._epoch = 0
         self._acks: dict[str, _AckWait] = {}
         self._gets: dict[int, asyncio.Future[list[dict[str, Any] | None]]] = {}
+        # What was sent but not answered yet, with when it was (last) sent, for resending.
+        self._unacked: dict[str, tuple[list[Any], float]] = {}
+        self._unanswered: dict[int, tuple[list[bytes], float]] = {}
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._unresolved: dict[str, int] = {}
@@ -156,12 +162,21 @@ class BrokerClient:
         loop = asyncio.get_running_loop()
         wait = _AckWait(loop.create_future(), len(submissions))
         epoch = self._epoch
+        now = loop.time()
         for sub in submissions:
+            wire = sub.to_wire()
             self._acks[sub.task_id] = wait
+            self._unacked[sub.task_id] = (wire, now)
             self._unresolved[sub.task_id] = epoch
-            self._outgoing.append(sub.to_wire())
+            self._outgoing.append(wire)
         self._schedule_flush()
-        await self._bounded(wait.future, "acknowledge the submit")
+        try:
+            await self._bounded(wait.future, "acknowledge the submit")
+        except BaseException:
+            for sub in submissions:
+                self._acks.pop(sub.task_id, None)
+                self._unacked.pop(sub.task_id, None)
+            raise
         if wait.error is not None:
             raise SubmitRejected(wait.error)
 
@@ -169,7 +184,15 @@ class BrokerClient:
         """The broker's stored records for ``task_ids`` (None for unknown ids)."""
         self._check_open()
         future = self._request_state(task_ids)
-        records: list[dict[str, Any] | None] = await self._bounded(future, "answer a state query")
+        try:
+            records: list[dict[str, Any] | None] = await self._bounded(
+                future, "answer a state query"
+            )
+        finally:
+            for request_id, pending in list(self._gets.items()):
+                if pending is future:
+                    del self._gets[request_id]
+                    self._unanswered.pop(request_id, None)
         return records
 
     async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any]:
@@ -187,7 +210,7 @@ class BrokerClient:
             self._subscriber.subscribe(topic)
         if not own or self._unresolved.get(task_id) != self._epoch:
             # Its result may have been published while we could not hear it: ask.
-            self._request_state([task_id])
+            self._refresh([task_id])
         handle = None
         if timeout_s is not None:
             handle = loop.call_later(timeout_s, _time_out, future, task_id, timeout_s)
@@ -220,12 +243,20 @@ class BrokerClient:
             handle.cancel()
 
     def _request_state(self, task_ids: Sequence[str]) -> asyncio.Future[list[Any]]:
+        """Ask for stored records; the reply also resolves any waiters on those ids."""
+        loop = asyncio.get_running_loop()
         request_id = next(self._request_ids)
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Any]] = loop.create_future()
         self._gets[request_id] = future
+        frames = protocol.encode(Command.GET, [request_id, list(task_ids)])
+        self._unanswered[request_id] = (frames, loop.time())
         assert self._link is not None
-        self._link.send(protocol.encode(Command.GET, [request_id, list(task_ids)]))
+        self._link.send(frames)
         return future
+
+    def _refresh(self, task_ids: Sequence[str]) -> None:
+        """Ask for stored records only to resolve waiters (nobody awaits the reply)."""
+        self._request_state(task_ids).add_done_callback(_consume)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -253,6 +284,8 @@ class BrokerClient:
 
     async def _read_loop(self) -> None:
         wakeup = self._wakeup
+        loop = asyncio.get_running_loop()
+        next_resend = loop.time() + RESEND_INTERVAL_S
         while True:
             link, subscriber = self._link, self._subscriber
             replies = link.drain(1000) if link is not None else []
@@ -261,8 +294,29 @@ class BrokerClient:
                 self._on_reply(frames)
             for frames in publications:
                 self._on_publication(frames)
+            now = loop.time()
+            if now >= next_resend:
+                self._resend(now)
+                next_resend = now + RESEND_INTERVAL_S
             if not replies and not publications:
-                await wakeup.wait(None)
+                pending = self._unacked or self._unanswered
+                await wakeup.wait(next_resend - now if pending else None)
+
+    def _resend(self, now: float) -> None:
+        """Send again what the broker has not answered for a resend interval."""
+        cutoff = now - RESEND_INTERVAL_S
+        stale = [wire for wire, sent in self._unacked.values() if sent <= cutoff]
+        if stale:
+            log.info("re-sending %d unacknowledged submissions", len(stale))
+            for wire in stale:
+                self._unacked[wire[0]] = (wire, now)
+            for start in range(0, len(stale), SUBMIT_BATCH):
+                self._send_submit(stale[start : start + SUBMIT_BATCH])
+        assert self._link is not None
+        for request_id, (frames, sent) in list(self._unanswered.items()):
+            if sent <= cutoff:
+                self._unanswered[request_id] = (frames, now)
+                self._link.send(frames)
 
     def _on_reply(self, frames: list[bytes]) -> None:
         try:
@@ -286,7 +340,9 @@ class BrokerClient:
 
     def _on_acks(self, acks: list[protocol.Ack]) -> None:
         pending = self._acks
+        unacked = self._unacked
         for ack in acks:
+            unacked.pop(ack.task_id, None)
             wait = pending.pop(ack.task_id, None)
             if wait is None:
                 continue  # a duplicate acknowledgement
@@ -305,6 +361,7 @@ class BrokerClient:
         for record in records:
             if record is not None and record["status"] in _FINAL:
                 self._deliver(record)
+        self._unanswered.pop(request_id, None)
         future = self._gets.pop(request_id, None)
         if future is not None and not future.done():
             future.set_result(records)
@@ -332,7 +389,7 @@ class BrokerClient:
             # have been published while it was down, so ask for everything still awaited.
             log.info("result subscription re-established; re-checking %d tasks", len(self._waiters))
             if self._waiters:
-                self._request_state(list(self._waiters))
+                self._refresh(list(self._waiters))
 
     def _deliver(self, record: dict[str, Any]) -> None:
         task_id = record["task_id"]
@@ -346,6 +403,11 @@ class BrokerClient:
             for future in waiters:
                 if not future.done():
                     future.set_result(record)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a refresh that failed needs no report
 
 
 def _time_out(future: asyncio.Future[Any], task_id: str, timeout_s: float) -> None:

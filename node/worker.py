@@ -15,6 +15,7 @@ import socket
 import time
 import traceback
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowrra.node")
 
 DRAIN_LIMIT = 1000
+# Outcomes are kept this long after sending and sent again after a re-registration: the broker
+# may have restarted before committing them. Attempt fencing makes the resend harmless.
+RECENT_OUTCOMES_S = 30.0
+RECENT_OUTCOMES_MAX = 10_000
 
 
 class Node:
@@ -68,6 +73,8 @@ class Node:
         self._threads: ThreadPoolExecutor | None = None
         self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
         self._outcomes: list[list[Any]] = []
+        self._recent: deque[tuple[float, list[Any]]] = deque(maxlen=RECENT_OUTCOMES_MAX)
+        self._registrations = 0
         self._flush_scheduled = False
         self._stopping = False
         self._last_sent = 0.0
@@ -139,7 +146,10 @@ class Node:
                         if not welcomed:
                             log.info("registered with broker %s", welcome.broker_id[:8])
                         welcomed = True
+                        self._registrations += 1
                         self.ready.set()
+                        if self._registrations > 1:
+                            self._resend_recent()
                         self._flush()  # outcomes that finished while we were away
                     elif command is Command.RECONNECT:
                         log.info("broker asked us to register again")
@@ -246,7 +256,18 @@ class Node:
             return  # sent on the next link once it exists
         outcomes, self._outcomes = self._outcomes, []
         self._link.send(protocol.encode(Command.RESULTS, outcomes))
-        self._last_sent = time.monotonic()
+        now = time.monotonic()
+        self._last_sent = now
+        recent = self._recent
+        recent.extend((now, outcome) for outcome in outcomes)
+        while recent and recent[0][0] < now - RECENT_OUTCOMES_S:
+            recent.popleft()
+
+    def _resend_recent(self) -> None:
+        if self._recent and self._link is not None:
+            log.info("re-reporting %d recent outcomes to the broker", len(self._recent))
+            outcomes = [outcome for _, outcome in self._recent]
+            self._link.send(protocol.encode(Command.RESULTS, outcomes))
 
     async def _shutdown(self) -> None:
         running = [task for _, task in self._running.values()]
