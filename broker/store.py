@@ -223,3 +223,24 @@ class LmdbStore:
     def close(self) -> None:
         self._end_read()
         self._env.close()
+
+
+def backup(data_dir: str | os.PathLike[str], destination: str | os.PathLike[str]) -> int:
+    """Write a compacted, consistent copy of the store in ``data_dir`` to ``destination``.
+
+    Safe while a broker is running on ``data_dir`` (LMDB readers never block the writer).
+    Returns the size in bytes of the copy.
+    """
+    source = os.fspath(data_dir)
+    if not os.path.exists(os.path.join(source, "data.mdb")):
+        raise FileNotFoundError(f"no Flowrra store in {source}")
+    target = os.fspath(destination)
+    os.makedirs(target, exist_ok=True)
+    if os.listdir(target):
+        raise FileExistsError(f"{target} is not empty")
+    env = lmdb.open(source, max_dbs=len(Table) + 1, readonly=True, lock=True)
+    try:
+        env.copy(target, compact=True)
+    finally:
+        env.close()
+    return os.path.getsize(os.path.join(target, "data.mdb"))
