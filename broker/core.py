@@ -15,6 +15,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+import msgpack
+
 from broker.config import BrokerConfig
 from broker.queues import TaskQueues
 from broker.records import TaskRecord
@@ -37,7 +39,9 @@ from flowrra.protocol import (
 
 log = logging.getLogger("flowrra.broker")
 
-_EXPIRY_KEY = struct.Struct(">Q")
+# Big-endian integers sort numerically as LMDB keys (queue orders, due and expiry times).
+_U64 = struct.Struct(">Q")
+_NEXT_ORDER_KEY = b"next_order"
 # The holder of a lease recovered from the store, until a node claims it.
 _ORPHAN = b""
 
@@ -112,7 +116,32 @@ class Broker:
 
     def _take_order(self) -> int:
         self._next_order += 1
+        self.store.put(Table.META, _NEXT_ORDER_KEY, _U64.pack(self._next_order))
         return self._next_order
+
+    def _enqueue(self, record: TaskRecord) -> None:
+        """Queue a PENDING record at its ``order`` (durably, and in the in-memory heaps)."""
+        entry = msgpack.packb([record.task_id, record.name, record.priority])
+        self.store.put(Table.QUEUE, _U64.pack(record.order), entry)
+        self.queues.push(record.name, record.priority, record.order)
+
+    def _lease(self, record: TaskRecord, kind: SlotKind, peer: bytes) -> Lease:
+        self.store.put(Table.LEASES, record.task_id.encode(), _U64.pack(record.attempt))
+        lease = Lease(record.task_id, record.attempt, kind, peer)
+        self.leases[record.task_id] = lease
+        return lease
+
+    def _end_lease(self, task_id: str) -> Lease | None:
+        lease = self.leases.pop(task_id, None)
+        if lease is not None:
+            self.store.delete(Table.LEASES, task_id.encode())
+        return lease
+
+    def _set_timer(self, record: TaskRecord, due_at: float) -> None:
+        due_ms = int(due_at * 1000)
+        record.retry_at = due_ms / 1000
+        self.store.put(Table.TIMERS, _U64.pack(due_ms) + record.task_id.encode(), b"")
+        self.timers.schedule(due_ms, record.task_id)
 
     # ------------------------------------------------------------------ recovery
 
@@ -124,21 +153,22 @@ class Broker:
         counts. Orphans nobody claims go back to their queue at their old position. Attempt
         numbers are durable, so a result from a superseded attempt is always fenced out.
         """
+        # Only the small index tables are read: task records stay on disk until dispatched.
+        stored_order = self.store.get(Table.META, _NEXT_ORDER_KEY)
+        if stored_order is not None:
+            self._next_order = max(self._next_order, _U64.unpack(stored_order)[0])
         queued = running = retrying = 0
-        for _key, data in self.store.scan(Table.TASKS):
-            record = TaskRecord.decode(data)
-            self._next_order = max(self._next_order, record.order)
-            if record.status is TaskStatus.PENDING:
-                self.queues.push(record.name, record.priority, record.order, record.task_id)
-                queued += 1
-            elif record.status is TaskStatus.RUNNING:
-                self.leases[record.task_id] = Lease(
-                    record.task_id, record.attempt, SlotKind.ASYNC, _ORPHAN
-                )
-                running += 1
-            elif record.status is TaskStatus.RETRYING:
-                self.timers.schedule(record.retry_at or now, record.task_id)
-                retrying += 1
+        for key, entry in self.store.scan(Table.QUEUE):
+            _task_id, name, priority = msgpack.unpackb(entry)
+            self.queues.push(name, priority, _U64.unpack(key)[0])
+            queued += 1
+        for key, attempt in self.store.scan(Table.LEASES):
+            task_id = key.decode()
+            self.leases[task_id] = Lease(task_id, _U64.unpack(attempt)[0], SlotKind.ASYNC, _ORPHAN)
+            running += 1
+        for key, _ in self.store.scan(Table.TIMERS):
+            self.timers.schedule(_U64.unpack(key[:8])[0], key[8:].decode())
+            retrying += 1
         if running:
             # Two liveness windows: time for every surviving node to notice and re-register.
             self._orphans_until = now + 2 * self.nodes.expiry_ms / 1000
@@ -239,7 +269,7 @@ class Broker:
             if self.store.get(Table.TASKS, sub.task_id.encode()) is None:
                 record = TaskRecord.from_submission(sub, self._take_order())
                 self.save(record)
-                self.queues.push(record.name, record.priority, record.order, record.task_id)
+                self._enqueue(record)
                 self.counters["submitted"] += 1
             acks.append([sub.task_id, None])
 
@@ -318,7 +348,7 @@ class Broker:
 
     def _requeue_lost(self, task_id: str, now: float, *, count_loss: bool) -> None:
         """Put a task whose node is gone back at its old place in the queue."""
-        self.leases.pop(task_id, None)
+        self._end_lease(task_id)
         record = self.load(task_id)
         if record is None or record.status is not TaskStatus.RUNNING:
             return
@@ -335,7 +365,7 @@ class Broker:
         record.status = TaskStatus.PENDING
         record.node_id = None
         self.save(record)
-        self.queues.push(record.name, record.priority, record.order, record.task_id)
+        self._enqueue(record)
         self.counters["requeued"] += 1
 
     def purge_nodes(self, now: float) -> None:
@@ -368,13 +398,20 @@ class Broker:
                     if node.free[kind] > 0 and names:
                         picked = self.queues.pop_best(names)
                         if picked is not None:
-                            self._start_attempt(node, kind, picked[1], now)
+                            self._start_attempt(node, kind, picked[2])
                             took = True
                 if took and node.has_credit():
                     still.append(node)
             nodes = still
 
-    def _start_attempt(self, node: NodeState, kind: SlotKind, task_id: str, now: float) -> None:
+    def _start_attempt(self, node: NodeState, kind: SlotKind, order: int) -> None:
+        key = _U64.pack(order)
+        entry = self.store.get(Table.QUEUE, key)
+        if entry is None:
+            log.error("queue entry %d is missing from the store", order)
+            return
+        self.store.delete(Table.QUEUE, key)
+        task_id = msgpack.unpackb(entry)[0]
         record = self.load(task_id)
         if record is None or record.status is not TaskStatus.PENDING:
             return  # expired or finished meanwhile
@@ -382,7 +419,7 @@ class Broker:
         record.status = TaskStatus.RUNNING
         record.node_id = node.node_id
         self.save(record)
-        self.leases[task_id] = Lease(task_id, record.attempt, kind, node.peer)
+        self._lease(record, kind, node.peer)
         node.leases.add(task_id)
         node.free[kind] -= 1
         self.outbox.tasks[node.peer].append(
@@ -402,7 +439,7 @@ class Broker:
                 self.counters["stale_results"] += 1
                 log.debug("ignored a stale result for %s#%d", outcome.task_id, outcome.attempt)
                 continue
-            del self.leases[outcome.task_id]
+            self._end_lease(outcome.task_id)
             holder = node if node is not None and node.peer == lease.node else None
             holder = holder or self.nodes.get(lease.node)
             if holder is not None:
@@ -428,10 +465,9 @@ class Broker:
         record.status = TaskStatus.RETRYING
         record.error = f"{error.exc_type}: {error.message}"
         record.traceback = error.traceback
-        record.retry_at = now + backoff_s(record.retry_delay_s, record.retries)
+        self._set_timer(record, now + backoff_s(record.retry_delay_s, record.retries))
         record.node_id = None
         self.save(record)
-        self.timers.schedule(record.retry_at, record.task_id)
         self.counters["retried"] += 1
         log.info(
             "task %s (%s) failed with %s; retry %d of %d in %.1fs",
@@ -440,7 +476,7 @@ class Broker:
             error.exc_type,
             record.retries,
             record.max_retries,
-            record.retry_at - now,
+            (record.retry_at or now) - now,
         )
 
     def _finish(
@@ -466,13 +502,14 @@ class Broker:
             log.warning("task %s (%s) failed: %s", record.task_id, record.name, record.error)
         self.save(record)
         expires_ms = int((now + self.config.result_ttl_s) * 1000)
-        self.store.put(Table.EXPIRY, _EXPIRY_KEY.pack(expires_ms) + record.task_id.encode(), b"")
+        self.store.put(Table.EXPIRY, _U64.pack(expires_ms) + record.task_id.encode(), b"")
         self.outbox.publish(record.task_id, Command.RESULT, record.public())
 
     # ------------------------------------------------------------------ time
 
     def fire_timers(self, now: float) -> None:
-        for task_id in self.timers.pop_due(now):
+        for due_ms, task_id in self.timers.pop_due(now * 1000):
+            self.store.delete(Table.TIMERS, _U64.pack(due_ms) + task_id.encode())
             record = self.load(task_id)
             if record is None or record.status is not TaskStatus.RETRYING:
                 continue
@@ -480,18 +517,18 @@ class Broker:
             record.retry_at = None
             record.order = self._take_order()
             self.save(record)
-            self.queues.push(record.name, record.priority, record.order, record.task_id)
+            self._enqueue(record)
 
     def expire_results(self, now: float) -> None:
         """Forget finished tasks whose result TTL has passed."""
         if now < self._next_sweep:
             return
         self._next_sweep = now + self.config.expiry_sweep_interval_s
-        stop = _EXPIRY_KEY.pack(int(now * 1000) + 1)
+        stop = _U64.pack(int(now * 1000) + 1)
         expired = 0
         for key, _ in self.store.scan(Table.EXPIRY, b"", stop):
             self.store.delete(Table.EXPIRY, key)
-            self.store.delete(Table.TASKS, key[_EXPIRY_KEY.size :])
+            self.store.delete(Table.TASKS, key[_U64.size :])
             expired += 1
         if expired:
             log.info("expired %d results", expired)
@@ -514,9 +551,9 @@ class Broker:
     def seconds_until_due(self, now: float) -> float:
         """How long the loop may sleep before :meth:`tick` has work to do."""
         wait = self._next_housekeeping - now
-        next_timer = self.timers.next_due()
+        next_timer = self.timers.next_due_ms()
         if next_timer is not None:
-            wait = min(wait, next_timer - now)
+            wait = min(wait, next_timer / 1000 - now)
         return max(wait, 0.0)
 
     # ------------------------------------------------------------------ introspection

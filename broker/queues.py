@@ -1,8 +1,9 @@
 """Per-priority task queues: higher priority first, FIFO within one priority.
 
 Each task name has its own heap, so a node takes the best task among the names it serves
-without scanning tasks it cannot run. Entries hold only ``(-priority, order, task_id)``: task
-bodies stay in the store. Pure logic, no I/O.
+without scanning tasks it cannot run. A heap entry is one int that sorts by priority, then by
+queue order; the task ids themselves stay in the store, so a million queued tasks cost a
+few tens of megabytes here. Pure logic, no I/O.
 """
 
 from __future__ import annotations
@@ -10,49 +11,64 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-QueueEntry = tuple[int, int, str]  # (-priority, order, task_id)
+MIN_PRIORITY = -(2**31)
+MAX_PRIORITY = 2**31 - 1
+_ORDER_BITS = 48
+_ORDER_MASK = (1 << _ORDER_BITS) - 1
+
+
+def queue_key(priority: int, order: int) -> int:
+    """One int that sorts by priority (highest first), then order (lowest first)."""
+    return ((MAX_PRIORITY - priority) << _ORDER_BITS) | order
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """The (priority, order) a :func:`queue_key` was made of."""
+    return MAX_PRIORITY - (key >> _ORDER_BITS), key & _ORDER_MASK
 
 
 class TaskQueues:
-    """Queued task ids, grouped by task name, ordered by priority then submission order."""
+    """Queued tasks as (priority, order) per task name."""
 
     def __init__(self) -> None:
-        self._heaps: dict[str, list[QueueEntry]] = {}
+        self._heaps: dict[str, list[int]] = {}
         self._size = 0
         self._by_priority: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self._size
 
-    def push(self, name: str, priority: int, order: int, task_id: str) -> None:
+    def push(self, name: str, priority: int, order: int) -> None:
         """Queue a task; ``order`` breaks ties within a priority (lower runs first)."""
-        heapq.heappush(self._heaps.setdefault(name, []), (-priority, order, task_id))
+        if not MIN_PRIORITY <= priority <= MAX_PRIORITY or not 0 <= order <= _ORDER_MASK:
+            raise ValueError(f"priority {priority} or order {order} out of range")
+        heapq.heappush(self._heaps.setdefault(name, []), queue_key(priority, order))
         self._size += 1
         self._by_priority[priority] = self._by_priority.get(priority, 0) + 1
 
-    def pop_best(self, names: Iterable[str]) -> tuple[str, str] | None:
-        """Remove and return ``(name, task_id)`` of the best task among ``names``."""
+    def pop_best(self, names: Iterable[str]) -> tuple[str, int, int] | None:
+        """Remove and return ``(name, priority, order)`` of the best task among ``names``."""
         best_name: str | None = None
-        best: QueueEntry | None = None
+        best = -1
         heaps = self._heaps
         for name in names:
             heap = heaps.get(name)
-            if heap and (best is None or heap[0] < best):
+            if heap and (best_name is None or heap[0] < best):
                 best, best_name = heap[0], name
-        if best is None or best_name is None:
+        if best_name is None:
             return None
         heap = heaps[best_name]
         heapq.heappop(heap)
         if not heap:
             del heaps[best_name]
         self._size -= 1
-        priority = -best[0]
+        priority, order = split_key(best)
         remaining = self._by_priority[priority] - 1
         if remaining:
             self._by_priority[priority] = remaining
         else:
             del self._by_priority[priority]
-        return best_name, best[2]
+        return best_name, priority, order
 
     def has_work(self, names: Iterable[str]) -> bool:
         heaps = self._heaps

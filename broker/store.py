@@ -23,8 +23,11 @@ class Table(enum.StrEnum):
     """The store's tables (LMDB named databases)."""
 
     TASKS = "tasks"  # task id -> task record (msgpack)
+    QUEUE = "queue"  # queue order (8 bytes, big-endian) -> [task id, name, priority]
+    LEASES = "leases"  # task id -> attempt number of the attempt in flight
+    TIMERS = "timers"  # due_ms (8 bytes, big-endian) + task id -> b""
     EXPIRY = "expiry"  # expire_at_ms (8 bytes, big-endian) + task id -> b""
-    META = "meta"  # store-wide values (schema version, counters)
+    META = "meta"  # store-wide values (the next queue order)
 
 
 class Durability(enum.StrEnum):

@@ -13,24 +13,25 @@ def backoff_s(retry_delay_s: float, retry_number: int) -> float:
 
 
 class Timers:
-    """Task ids waiting for a due time (retries now; countdown/eta later use the same heap)."""
+    """Task ids waiting for a due time in milliseconds (retries now; countdown and eta later
+    use the same heap)."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, str]] = []
+        self._heap: list[tuple[int, str]] = []
 
     def __len__(self) -> int:
         return len(self._heap)
 
-    def schedule(self, due_at: float, task_id: str) -> None:
-        heapq.heappush(self._heap, (due_at, task_id))
+    def schedule(self, due_ms: int, task_id: str) -> None:
+        heapq.heappush(self._heap, (due_ms, task_id))
 
-    def pop_due(self, now: float) -> list[str]:
-        """Remove and return the ids whose time has come, in due order."""
+    def pop_due(self, now_ms: float) -> list[tuple[int, str]]:
+        """Remove and return ``(due_ms, task_id)`` of the timers that are due, in due order."""
         heap = self._heap
-        due: list[str] = []
-        while heap and heap[0][0] <= now:
-            due.append(heapq.heappop(heap)[1])
+        due: list[tuple[int, str]] = []
+        while heap and heap[0][0] <= now_ms:
+            due.append(heapq.heappop(heap))
         return due
 
-    def next_due(self) -> float | None:
+    def next_due_ms(self) -> int | None:
         return self._heap[0][0] if self._heap else None
