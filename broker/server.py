@@ -78,6 +78,8 @@ class BrokerService:
         finally:
             if self.store.dirty:
                 await self._commit()
+            if broker.outbox:
+                self._flush(time.time())
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
 
