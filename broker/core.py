@@ -127,9 +127,28 @@ class Broker:
 
     def _lease(self, record: TaskRecord, kind: SlotKind, peer: bytes) -> Lease:
         self.store.put(Table.LEASES, record.task_id.encode(), _U64.pack(record.attempt))
-        lease = Lease(record.task_id, record.attempt, kind, peer)
+        lease = Lease(record.task_id, record.attempt, kind, peer, record)
         self.leases[record.task_id] = lease
         return lease
+
+    def _leased_record(self, lease: Lease) -> TaskRecord | None:
+        """The record of a running task, as it is now (loaded once, then cached)."""
+        record = lease.record
+        if record is None:
+            record = self.load(lease.task_id)
+            if record is None:
+                return None
+            lease.record = record
+        record.status = TaskStatus.RUNNING
+        record.attempt = lease.attempt
+        return record
+
+    def view(self, task_id: str) -> TaskRecord | None:
+        """A task's current record (running tasks are not rewritten in the store)."""
+        lease = self.leases.get(task_id)
+        if lease is not None:
+            return self._leased_record(lease)
+        return self.load(task_id)
 
     def _end_lease(self, task_id: str) -> Lease | None:
         lease = self.leases.pop(task_id, None)
@@ -254,7 +273,7 @@ class Broker:
             task_id = topic.decode()
         except UnicodeDecodeError:
             return
-        record = self.load(task_id) if task_id else None
+        record = self.view(task_id) if task_id else None
         if record is None:
             self.outbox.publish(task_id, Command.SUBSCRIBED)
         else:
@@ -280,7 +299,7 @@ class Broker:
         task_ids = protocol.parse_task_ids(body[1], "GET")
         records = []
         for task_id in task_ids:
-            record = self.load(task_id)
+            record = self.view(task_id)
             records.append(None if record is None else record.public())
         self.outbox.send(peer, Command.STATE, [request_id, records])
 
@@ -303,12 +322,11 @@ class Broker:
             if lease is None or lease.attempt != attempt:
                 continue  # the broker moved on; the node's late result will be fenced out
             if lease.node == _ORPHAN:
-                record = self.load(task_id)
+                record = self._leased_record(lease)
                 if record is None:
                     continue
                 lease.kind = ready.tasks.get(record.name, SlotKind.ASYNC)
                 record.node_id = ready.node_id
-                self.save(record)
             lease.node = peer
             node.leases.add(task_id)
             node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
@@ -348,9 +366,10 @@ class Broker:
 
     def _requeue_lost(self, task_id: str, now: float, *, count_loss: bool) -> None:
         """Put a task whose node is gone back at its old place in the queue."""
+        lease = self.leases.get(task_id)
+        record = None if lease is None else self._leased_record(lease)
         self._end_lease(task_id)
-        record = self.load(task_id)
-        if record is None or record.status is not TaskStatus.RUNNING:
+        if record is None:
             return
         if count_loss:
             record.worker_losses += 1
@@ -418,7 +437,6 @@ class Broker:
         record.attempt += 1
         record.status = TaskStatus.RUNNING
         record.node_id = node.node_id
-        self.save(record)
         self._lease(record, kind, node.peer)
         node.leases.add(task_id)
         node.free[kind] -= 1
@@ -439,6 +457,7 @@ class Broker:
                 self.counters["stale_results"] += 1
                 log.debug("ignored a stale result for %s#%d", outcome.task_id, outcome.attempt)
                 continue
+            record = self._leased_record(lease)
             self._end_lease(outcome.task_id)
             holder = node if node is not None and node.peer == lease.node else None
             holder = holder or self.nodes.get(lease.node)
@@ -449,7 +468,6 @@ class Broker:
                     holder.tasks_done += 1
                 else:
                     holder.tasks_failed += 1
-            record = self.load(outcome.task_id)
             if record is None:
                 continue
             record.started_at = outcome.started_at

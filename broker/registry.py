@@ -9,17 +9,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from broker.records import TaskRecord
 from flowrra.protocol import NodeReady, SlotKind
 
 
 @dataclass(slots=True)
 class Lease:
-    """One task attempt held by a node."""
+    """One task attempt held by a node.
+
+    While a lease exists the task is running; the stored record is not rewritten at dispatch
+    (the durable ``leases`` table has the attempt number), so ``record`` caches it here.
+    """
 
     task_id: str
     attempt: int
     kind: SlotKind
     node: bytes  # routing id of the node holding it
+    record: TaskRecord | None = None
 
 
 @dataclass(slots=True)

@@ -146,6 +146,9 @@ class LmdbStore:
             # One broker per data dir; readers do not need per-thread slots.
             max_readers=16,
             lock=True,
+            # Index scans at start-up would otherwise fault in neighbouring task pages too
+            # and inflate the broker's resident memory.
+            readahead=False,
         )
         self._dbs = {t: self._env.open_db(t.value.encode()) for t in Table}
         self._pending: _Pending = {}
