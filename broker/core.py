@@ -201,9 +201,11 @@ class Broker:
         of its output, and rebuild the in-memory state from what the store really holds."""
         refused = self.outbox.acks
         self.outbox = Outbox()
+        error = f"broker storage error: {reason}"
         for peer, items in refused.items():
+            # A re-sent task that an earlier tick stored is still acknowledged: it will run.
             self.outbox.acks[peer] = [
-                [item[0], f"broker storage error: {reason}"] for item in items
+                [task_id, None if self.load(task_id) is not None else error] for task_id, _ in items
             ]
         self.queues = TaskQueues()
         self.leases = {}
@@ -247,7 +249,11 @@ class Broker:
     def _dispatch_command(self, peer: bytes, message: protocol.Message, now: float) -> None:
         command, body = message.command, message.body
         if command is Command.SUBMIT:
-            self.accept(peer, protocol.parse_submit(body), now)
+            valid, rejected = protocol.split_submit(body)
+            self.accept(peer, valid, now)
+            for task_id, reason in rejected:
+                log.warning("refused task %r from %s: %s", task_id, peer.hex(), reason)
+                self.outbox.acks[peer].append([task_id, reason])
         elif command is Command.RESULTS:
             self.complete(peer, protocol.parse_results(body), now)
         elif command is Command.HEARTBEAT:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import heapq
 
+# No retry waits longer than this, however large the delay or the retry number.
+MAX_BACKOFF_S = 24 * 3600.0
+
 
 def backoff_s(retry_delay_s: float, retry_number: int) -> float:
-    """Delay before retry ``retry_number`` (1-based): ``retry_delay * 2**(n-1)``."""
+    """Delay before retry ``retry_number`` (1-based): ``retry_delay * 2**(n-1)``, capped."""
     if retry_number < 1:
         raise ValueError("retry_number starts at 1")
-    return retry_delay_s * 2.0 ** (retry_number - 1)
+    if retry_number > 64:  # 2**63 seconds is past any cap; avoid float overflow
+        return MAX_BACKOFF_S if retry_delay_s > 0 else 0.0
+    return min(retry_delay_s * 2.0 ** (retry_number - 1), MAX_BACKOFF_S)
 
 
 class Timers:

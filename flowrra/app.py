@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from flowrra import protocol
 from flowrra.client import BrokerClient
 from flowrra.errors import FlowrraError, TaskNotFoundError
 from flowrra.protocol import Submission, pack_args
@@ -224,8 +225,14 @@ class Flowrra:
         priority: int | None,
         task_id: str | None = None,
     ) -> Submission:
-        if task_id is not None and (not isinstance(task_id, str) or not 0 < len(task_id) <= 200):
-            raise ValueError(f"task_id must be a string of 1 to 200 characters, got {task_id!r}")
+        if task_id is not None and (
+            not isinstance(task_id, str)
+            or not task_id
+            or len(task_id.encode()) > protocol.MAX_TASK_ID_BYTES
+        ):
+            raise ValueError(
+                f"task_id must be a non-empty string of at most 200 bytes: {task_id!r}"
+            )
         return Submission(
             task_id=task_id or client.new_task_id(),
             name=spec.name,

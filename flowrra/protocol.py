@@ -39,6 +39,10 @@ HEARTBEAT_EXPIRY_MS: Final = HEARTBEAT_INTERVAL_MS * HEARTBEAT_LIVENESS
 # Largest message a broker accepts by default (ZMQ_MAXMSGSIZE); announced in WELCOME.
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 
+# Task ids are LMDB keys (max 511 bytes, and index keys prefix 8 bytes to them).
+MAX_TASK_ID_CHARS: Final = 200
+MAX_TASK_ID_BYTES: Final = 200
+
 # msgpack extension type codes for the two non-native values Flowrra carries.
 _EXT_DATETIME: Final = 1
 
@@ -271,32 +275,51 @@ class Submission:
 
 
 def parse_submit(body: object) -> list[Submission]:
-    items = _list_body(body, "SUBMIT")
-    out: list[Submission] = []
-    for item in items:
+    """All submissions of a SUBMIT body; any invalid item raises ProtocolError."""
+    valid, rejected = split_submit(body)
+    if rejected:
+        raise ProtocolError(f"task {rejected[0][0]!r}: {rejected[0][1]}")
+    return valid
+
+
+def split_submit(body: object) -> tuple[list[Submission], list[tuple[str, str]]]:
+    """The valid submissions of a SUBMIT body, and ``(task_id, reason)`` for invalid ones.
+
+    An item too broken to name its task id makes the whole message malformed.
+    """
+    valid: list[Submission] = []
+    rejected: list[tuple[str, str]] = []
+    for item in _list_body(body, "SUBMIT"):
         _expect(isinstance(item, list) and len(item) == 8, "SUBMIT item must have 8 fields")
-        task_id, name, priority, payload, max_retries, retry_delay, timeout, submitted_at = item
-        _expect(isinstance(task_id, str) and 0 < len(task_id) <= 200, "bad task id")
-        _expect(isinstance(name, str) and 0 < len(name) <= 500, "bad task name")
-        _expect(_is_int(priority) and -(2**31) <= priority < 2**31, "bad priority")
-        _expect(isinstance(payload, bytes), "payload must be bytes")
-        _expect(_is_int(max_retries) and 0 <= max_retries <= 1000, "bad max_retries")
-        _expect(_is_number(retry_delay) and retry_delay >= 0, "bad retry_delay")
-        _expect(_optional_number(timeout) and (timeout is None or timeout > 0), "bad timeout")
-        _expect(_is_number(submitted_at), "bad submitted_at")
-        out.append(
-            Submission(
-                task_id,
-                name,
-                priority,
-                payload,
-                max_retries,
-                float(retry_delay),
-                None if timeout is None else float(timeout),
-                float(submitted_at),
-            )
-        )
-    return out
+        _expect(isinstance(item[0], str), "SUBMIT item must start with a task id")
+        try:
+            valid.append(_submission(item))
+        except ProtocolError as exc:
+            rejected.append((item[0], str(exc)))
+    return valid, rejected
+
+
+def _submission(item: list[Any]) -> Submission:
+    task_id, name, priority, payload, max_retries, retry_delay, timeout, submitted_at = item
+    _expect(isinstance(task_id, str) and 0 < len(task_id) <= MAX_TASK_ID_CHARS, "bad task id")
+    _expect(len(task_id.encode()) <= MAX_TASK_ID_BYTES, "task id longer than 200 bytes")
+    _expect(isinstance(name, str) and 0 < len(name) <= 500, "bad task name")
+    _expect(_is_int(priority) and -(2**31) <= priority < 2**31, "bad priority")
+    _expect(isinstance(payload, bytes), "payload must be bytes")
+    _expect(_is_int(max_retries) and 0 <= max_retries <= 1000, "bad max_retries")
+    _expect(_is_number(retry_delay) and retry_delay >= 0, "bad retry_delay")
+    _expect(_optional_number(timeout) and (timeout is None or timeout > 0), "bad timeout")
+    _expect(_is_number(submitted_at), "bad submitted_at")
+    return Submission(
+        task_id,
+        name,
+        priority,
+        payload,
+        max_retries,
+        float(retry_delay),
+        None if timeout is None else float(timeout),
+        float(submitted_at),
+    )
 
 
 def parse_task_ids(body: object, command: str) -> list[str]:
@@ -531,7 +554,8 @@ def parse_record(body: object) -> dict[str, Any]:
     for field in RECORD_FIELDS:
         _expect(field in m, f"record lacks {field!r}")
     _expect(isinstance(m["task_id"], str) and isinstance(m["task_name"], str), "bad record ids")
-    _expect(m["status"] in TaskStatus._value2member_map_, "bad record status")
+    status = m["status"]
+    _expect(isinstance(status, str) and status in TaskStatus._value2member_map_, "bad status")
     _expect(m["result"] is None or isinstance(m["result"], bytes), "bad record result")
     _expect(_is_int(m["retries"]), "bad record retries")
     return m
