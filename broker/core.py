@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from typing import Any
 
 import msgpack
 
+from broker import admin
 from broker.config import BrokerConfig
 from broker.queues import TaskQueues
 from broker.records import TaskRecord
@@ -79,6 +81,26 @@ class Outbox:
         return out, publications
 
 
+class RateWindow:
+    """Events per second over the last ``seconds`` seconds, in one-second buckets."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+        self._buckets: dict[int, int] = {}
+
+    def add(self, now: float) -> None:
+        second = int(now)
+        self._buckets[second] = self._buckets.get(second, 0) + 1
+        if len(self._buckets) > self.seconds + 1:
+            for old in [s for s in self._buckets if s <= second - self.seconds]:
+                del self._buckets[old]
+
+    def rate(self, now: float) -> float:
+        second = int(now)
+        recent = sum(n for s, n in self._buckets.items() if second - self.seconds < s <= second)
+        return recent / self.seconds
+
+
 class Broker:
     """Queues, node registry, leases, retry timers and results, over one :class:`Store`."""
 
@@ -104,6 +126,8 @@ class Broker:
         self._next_housekeeping = 0.0
         self._orphans_until: float | None = None
         self.counters: dict[str, int] = defaultdict(int)
+        self.finished_per_second = RateWindow(60)
+        self.started_at = time.time()
 
     # ------------------------------------------------------------------ store helpers
 
@@ -122,7 +146,7 @@ class Broker:
     def _enqueue(self, record: TaskRecord) -> None:
         """Queue a PENDING record at its ``order`` (durably, and in the in-memory heaps)."""
         entry = msgpack.packb([record.task_id, record.name, record.priority])
-        self.store.put(Table.QUEUE, _U64.pack(record.order), entry)
+        self.store.put(Table.QUEUE, self.queue_key(record.order), entry)
         self.queues.push(record.name, record.priority, record.order)
 
     def _lease(self, record: TaskRecord, kind: SlotKind, peer: bytes) -> Lease:
@@ -266,6 +290,8 @@ class Broker:
             self.register_node(peer, protocol.parse_ready(body), now)
         elif command is Command.BYE:
             self.unregister_node(peer, now, lost=False)
+        elif command is Command.ADMIN:
+            self.answer_admin(peer, body, now)
         else:
             raise ProtocolError(f"{command.name} is not a request a broker accepts")
 
@@ -308,6 +334,42 @@ class Broker:
             record = self.view(task_id)
             records.append(None if record is None else record.public())
         self.outbox.send(peer, Command.STATE, [request_id, records])
+
+    def answer_admin(self, peer: bytes, body: object, now: float) -> None:
+        request_id, verb, args = protocol.parse_admin(body)
+        try:
+            result = admin.answer(self, verb, args, now)
+        except admin.AdminError as exc:
+            self.outbox.send(peer, Command.ADMIN_REPLY, [request_id, str(exc), None])
+            return
+        self.outbox.send(peer, Command.ADMIN_REPLY, [request_id, None, result])
+
+    def requeue_failed(self, task_id: str, now: float) -> bool:
+        """Queue a dead-lettered task again with fresh retries (``flowrra dead retry``)."""
+        if self.store.get(Table.DEAD, task_id.encode()) is None:
+            return False
+        record = self.load(task_id)
+        if record is None or record.status is not TaskStatus.FAILED:
+            return False
+        self.store.delete(Table.DEAD, task_id.encode())
+        if record.expires_at is not None:
+            expiry_key = _U64.pack(int(record.expires_at * 1000)) + task_id.encode()
+            self.store.delete(Table.EXPIRY, expiry_key)
+        record.status = TaskStatus.PENDING
+        record.retries = 0
+        record.worker_losses = 0
+        record.finished_at = record.expires_at = None
+        record.order = self._take_order()
+        self.save(record)
+        self._enqueue(record)
+        self.counters["dead_retried"] += 1
+        log.info("dead-lettered task %s (%s) queued again", task_id, record.name)
+        return True
+
+    @staticmethod
+    def queue_key(order: int) -> bytes:
+        """The store key of a queue entry."""
+        return _U64.pack(order)
 
     # ------------------------------------------------------------------ nodes
 
@@ -377,6 +439,7 @@ class Broker:
         self._end_lease(task_id)
         if record is None:
             return
+        record.record_attempt("lost" if count_loss else "returned", finished_at=now)
         if count_loss:
             record.worker_losses += 1
             if record.worker_losses >= self.config.max_worker_losses:
@@ -430,7 +493,7 @@ class Broker:
             nodes = still
 
     def _start_attempt(self, node: NodeState, kind: SlotKind, order: int) -> None:
-        key = _U64.pack(order)
+        key = self.queue_key(order)
         entry = self.store.get(Table.QUEUE, key)
         if entry is None:
             log.error("queue entry %d is missing from the store", order)
@@ -477,6 +540,14 @@ class Broker:
             if record is None:
                 continue
             record.started_at = outcome.started_at
+            record.record_attempt(
+                "success" if outcome.error is None else "failed",
+                started_at=outcome.started_at,
+                finished_at=outcome.finished_at,
+                error=None
+                if outcome.error is None
+                else f"{outcome.error.exc_type}: {outcome.error.message}",
+            )
             if outcome.error is not None and record.retries < record.max_retries:
                 self._schedule_retry(record, outcome.error, now)
             else:
@@ -513,6 +584,8 @@ class Broker:
     ) -> None:
         record.finished_at = finished_at or now
         record.retry_at = None
+        record.node_id = None
+        self.finished_per_second.add(now)
         if error is None:
             record.status = TaskStatus.SUCCESS
             record.result = value
@@ -523,9 +596,11 @@ class Broker:
             record.error = f"{error.exc_type}: {error.message}"
             record.traceback = error.traceback
             self.counters["failed"] += 1
+            self.store.put(Table.DEAD, record.task_id.encode(), b"")
             log.warning("task %s (%s) failed: %s", record.task_id, record.name, record.error)
-        self.save(record)
         expires_ms = int((now + self.config.result_ttl_s) * 1000)
+        record.expires_at = expires_ms / 1000
+        self.save(record)
         self.store.put(Table.EXPIRY, _U64.pack(expires_ms) + record.task_id.encode(), b"")
         self.outbox.publish(record.task_id, Command.RESULT, record.public())
 
@@ -553,6 +628,7 @@ class Broker:
         for key, _ in self.store.scan(Table.EXPIRY, b"", stop):
             self.store.delete(Table.EXPIRY, key)
             self.store.delete(Table.TASKS, key[_U64.size :])
+            self.store.delete(Table.DEAD, key[_U64.size :])
             expired += 1
         if expired:
             log.info("expired %d results", expired)

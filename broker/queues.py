@@ -70,6 +70,31 @@ class TaskQueues:
             del self._by_priority[priority]
         return best_name, priority, order
 
+    def remove(self, priority: int | None = None) -> list[tuple[str, int, int]]:
+        """Remove every queued task (of one priority, if given); returns what was removed."""
+        removed: list[tuple[str, int, int]] = []
+        for name in list(self._heaps):
+            keep: list[int] = []
+            for key in self._heaps[name]:
+                entry_priority, order = split_key(key)
+                if priority is None or entry_priority == priority:
+                    removed.append((name, entry_priority, order))
+                else:
+                    keep.append(key)
+            if keep:
+                heapq.heapify(keep)
+                self._heaps[name] = keep
+            else:
+                del self._heaps[name]
+        for _, entry_priority, _ in removed:
+            self._size -= 1
+            remaining = self._by_priority[entry_priority] - 1
+            if remaining:
+                self._by_priority[entry_priority] = remaining
+            else:
+                del self._by_priority[entry_priority]
+        return removed
+
     def has_work(self, names: Iterable[str]) -> bool:
         heaps = self._heaps
         return any(name in heaps for name in names)

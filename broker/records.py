@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -37,6 +37,9 @@ class TaskRecord:
     retry_at: float | None = None
     node_id: str | None = None
     worker_losses: int = 0
+    # One entry per attempt: [attempt, node_id, started_at, finished_at, outcome, error].
+    history: list[list[Any]] = field(default_factory=list)
+    expires_at: float | None = None  # when a finished task's record is forgotten
 
     @classmethod
     def from_submission(cls, sub: Submission, order: int) -> TaskRecord:
@@ -76,6 +79,8 @@ class TaskRecord:
                 self.retry_at,
                 self.node_id,
                 self.worker_losses,
+                self.history,
+                self.expires_at,
             ],
             use_bin_type=True,
         )
@@ -88,6 +93,17 @@ class TaskRecord:
         record = cls(*fields[1:])
         record.status = TaskStatus(record.status)
         return record
+
+    def record_attempt(
+        self,
+        outcome: str,
+        *,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Append the end of the current attempt to the history."""
+        self.history.append([self.attempt, self.node_id, started_at, finished_at, outcome, error])
 
     def public(self) -> dict[str, Any]:
         """The client-facing view (``protocol.RECORD_FIELDS``)."""

@@ -27,6 +27,7 @@ class Table(enum.StrEnum):
     LEASES = "leases"  # task id -> attempt number of the attempt in flight
     TIMERS = "timers"  # due_ms (8 bytes, big-endian) + task id -> b""
     EXPIRY = "expiry"  # expire_at_ms (8 bytes, big-endian) + task id -> b""
+    DEAD = "dead"  # task id -> b"" for tasks that ended FAILED (the dead-letter list)
     META = "meta"  # store-wide values (the next queue order)
 
 
@@ -65,6 +66,10 @@ class Store(Protocol):
 
     def discard(self) -> None:
         """Forget buffered writes (after a commit failed)."""
+        ...
+
+    def count(self, table: Table) -> int:
+        """Committed entries in ``table``."""
         ...
 
     def close(self) -> None: ...
@@ -113,6 +118,9 @@ class MemoryStore:
 
     def discard(self) -> None:
         self._pending = {}
+
+    def count(self, table: Table) -> int:
+        return len(self._tables[table])
 
     def close(self) -> None:
         self._pending.clear()
@@ -214,6 +222,10 @@ class LmdbStore:
 
     def discard(self) -> None:
         self._pending = {}
+
+    def count(self, table: Table) -> int:
+        entries: int = self._read_txn().stat(self._dbs[table])["entries"]
+        return entries
 
     def _grow(self) -> None:
         size = self._env.info()["map_size"]

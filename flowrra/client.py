@@ -20,6 +20,7 @@ from typing import Any
 
 from flowrra import protocol
 from flowrra.errors import (
+    AdminError,
     BrokerUnavailable,
     FlowrraError,
     MessageTooLargeError,
@@ -85,6 +86,7 @@ class BrokerClient:
         # What was sent but not answered yet, with when it was (last) sent, for resending.
         self._unacked: dict[str, tuple[list[Any], float]] = {}
         self._unanswered: dict[int, tuple[list[bytes], float]] = {}
+        self._admin: dict[int, asyncio.Future[Any]] = {}
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._unresolved: dict[str, int] = {}
@@ -132,9 +134,9 @@ class BrokerClient:
         for wait in self._acks.values():
             if not wait.future.done():
                 wait.future.set_exception(error)
-        for get in self._gets.values():
-            if not get.done():
-                get.set_exception(error)
+        for pending in (*self._gets.values(), *self._admin.values()):
+            if not pending.done():
+                pending.set_exception(error)
         for waiters in self._waiters.values():
             for fut in waiters:
                 if not fut.done():
@@ -194,6 +196,23 @@ class BrokerClient:
                     del self._gets[request_id]
                     self._unanswered.pop(request_id, None)
         return records
+
+    async def admin(self, verb: str, **args: Any) -> Any:
+        """Run an operator command on the broker (``status``, ``inspect``, ``purge``, ...).
+
+        Not re-sent on silence (``purge`` is not idempotent): BrokerUnavailable after the
+        request timeout instead.
+        """
+        self._check_open()
+        assert self._link is not None
+        request_id = next(self._request_ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._admin[request_id] = future
+        self._link.send(protocol.encode(Command.ADMIN, [request_id, verb, args]))
+        try:
+            return await self._bounded(future, f"answer {verb!r}")
+        finally:
+            self._admin.pop(request_id, None)
 
     async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any]:
         """The final record of ``task_id``, pushed by the broker when the task completes."""
@@ -326,6 +345,14 @@ class BrokerClient:
                 self._on_acks(protocol.parse_ack(body))
             elif command is Command.STATE:
                 self._on_state(body)
+            elif command is Command.ADMIN_REPLY:
+                request_id, error, result = protocol.parse_admin_reply(body)
+                future = self._admin.get(request_id)
+                if future is not None and not future.done():
+                    if error is None:
+                        future.set_result(result)
+                    else:
+                        future.set_exception(AdminError(error))
             elif command is Command.WELCOME:
                 welcome = protocol.parse_welcome(body)
                 if self._welcome is not None and not self._welcome.done():

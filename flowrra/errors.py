@@ -31,6 +31,10 @@ class SubmitRejected(FlowrraError):
     """The broker refused a submitted task (the message says why)."""
 
 
+class AdminError(FlowrraError):
+    """The broker refused an operator command (the message says why)."""
+
+
 class TaskTimeoutError(FlowrraError, TimeoutError):
     """A task attempt ran longer than its ``timeout``."""
 

@@ -54,6 +54,7 @@ class Command(enum.IntEnum):
     HELLO = 0x01
     SUBMIT = 0x02
     GET = 0x03
+    ADMIN = 0x04  # operator commands: status, inspect, tasks, purge, dead letters
     # node -> broker
     READY = 0x10
     RESULTS = 0x11
@@ -66,6 +67,7 @@ class Command(enum.IntEnum):
     TASKS = 0x23
     ERROR = 0x24
     RECONNECT = 0x25
+    ADMIN_REPLY = 0x26
     # broker PUB socket (first frame is the topic: the task id)
     RESULT = 0x30
     SUBSCRIBED = 0x31
@@ -522,6 +524,30 @@ def parse_ack(body: object) -> list[Ack]:
         _expect(item[1] is None or isinstance(item[1], str), "bad ACK error")
         out.append(Ack(item[0], item[1]))
     return out
+
+
+ADMIN_VERBS: Final = ("status", "inspect", "tasks", "purge", "dead_list", "dead_retry")
+
+
+def parse_admin(body: object) -> tuple[int, str, dict[str, Any]]:
+    """``[request_id, verb, args]`` of an ADMIN request."""
+    items = _list_body(body, "ADMIN")
+    _expect(len(items) == 3, "ADMIN body must be [id, verb, args]")
+    request_id, verb, args = items
+    _expect(_is_int(request_id), "bad ADMIN request id")
+    _expect(verb in ADMIN_VERBS, f"unknown admin verb {verb!r}")
+    _expect(isinstance(args, dict), "ADMIN args must be a map")
+    return request_id, verb, args
+
+
+def parse_admin_reply(body: object) -> tuple[int, str | None, Any]:
+    """``[request_id, error, result]`` of an ADMIN_REPLY."""
+    items = _list_body(body, "ADMIN_REPLY")
+    _expect(len(items) == 3, "bad ADMIN_REPLY body")
+    request_id, error, result = items
+    _expect(_is_int(request_id), "bad ADMIN_REPLY request id")
+    _expect(error is None or isinstance(error, str), "bad ADMIN_REPLY error")
+    return request_id, error, result
 
 
 def parse_error(body: object) -> tuple[str, str]:
