@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -81,6 +81,15 @@ class Outbox:
         return out, publications
 
 
+class BrokerObserver(Protocol):
+    """Receives task events (for metrics); called on the broker's loop, so keep it cheap."""
+
+    def submitted(self, name: str) -> None: ...
+    def started(self, name: str, queue_wait_s: float) -> None: ...
+    def retried(self, name: str) -> None: ...
+    def finished(self, name: str, status: TaskStatus, run_s: float | None) -> None: ...
+
+
 class RateWindow:
     """Events per second over the last ``seconds`` seconds, in one-second buckets."""
 
@@ -127,6 +136,7 @@ class Broker:
         self._orphans_until: float | None = None
         self.counters: dict[str, int] = defaultdict(int)
         self.finished_per_second = RateWindow(60)
+        self.observers: list[BrokerObserver] = []
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ store helpers
@@ -322,6 +332,8 @@ class Broker:
                 self.save(record)
                 self._enqueue(record)
                 self.counters["submitted"] += 1
+                for observer in self.observers:
+                    observer.submitted(record.name)
             acks.append([sub.task_id, None])
 
     def answer_get(self, peer: bytes, body: object) -> None:
@@ -507,6 +519,8 @@ class Broker:
         record.status = TaskStatus.RUNNING
         record.node_id = node.node_id
         self._lease(record, kind, node.peer)
+        for observer in self.observers:
+            observer.started(record.name, max(0.0, time.time() - record.submitted_at))
         node.leases.add(task_id)
         node.free[kind] -= 1
         self.outbox.tasks[node.peer].append(
@@ -564,6 +578,8 @@ class Broker:
         record.node_id = None
         self.save(record)
         self.counters["retried"] += 1
+        for observer in self.observers:
+            observer.retried(record.name)
         log.info(
             "task %s (%s) failed with %s; retry %d of %d in %.1fs",
             record.task_id,
@@ -602,6 +618,12 @@ class Broker:
         record.expires_at = expires_ms / 1000
         self.save(record)
         self.store.put(Table.EXPIRY, _U64.pack(expires_ms) + record.task_id.encode(), b"")
+        if self.observers:
+            run_s = None
+            if record.started_at is not None and finished_at is not None:
+                run_s = max(0.0, finished_at - record.started_at)
+            for observer in self.observers:
+                observer.finished(record.name, record.status, run_s)
         self.outbox.publish(record.task_id, Command.RESULT, record.public())
 
     # ------------------------------------------------------------------ time
