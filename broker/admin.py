@@ -13,15 +13,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from broker.store import Table
-from flowrra.errors import ProtocolError
+from flowrra.errors import AdminError
 from flowrra.protocol import SlotKind, TaskStatus
 
 if TYPE_CHECKING:
     from broker.core import Broker
-
-
-class AdminError(Exception):
-    """An admin request that cannot be carried out (the message goes back to the caller)."""
 
 
 def status(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any]:
@@ -152,8 +148,8 @@ VERBS: dict[str, Callable[[Broker, dict[str, Any], float], Any]] = {
 
 
 def answer(broker: Broker, verb: str, args: dict[str, Any], now: float | None = None) -> Any:
-    """Run one verb; raises AdminError (or ProtocolError for an unknown verb)."""
+    """Run one verb; raises AdminError, whose message goes back to the caller."""
     handler = VERBS.get(verb)
     if handler is None:
-        raise ProtocolError(f"unknown admin verb {verb!r}")
+        raise AdminError(f"unknown admin verb {verb!r} (known: {', '.join(VERBS)})")
     return handler(broker, args, time.time() if now is None else now)

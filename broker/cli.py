@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import click
 import zmq
@@ -18,11 +19,16 @@ from flowrra.exitcodes import ExitCode
 from flowrra.logs import LOG_LEVELS, configure_logging
 from flowrra.transport import Wakeup, ZmqBrokerEndpoint
 
+if TYPE_CHECKING:
+    from broker.metrics import BrokerMetrics
+
 log = logging.getLogger("flowrra.broker")
 
+METRICS_EXTRA_HINT = "pip install 'flowrra-fabric[metrics]'"
 
-async def serve(config: BrokerConfig) -> None:
-    """Run a broker on ZeroMQ sockets until SIGINT or SIGTERM."""
+
+async def serve(config: BrokerConfig, *, metrics: BrokerMetrics | None = None) -> None:
+    """Run a broker on ZeroMQ sockets until SIGINT or SIGTERM (reporting to ``metrics``)."""
     wakeup = Wakeup()
     endpoint = ZmqBrokerEndpoint(
         config.bind,
@@ -32,9 +38,11 @@ async def serve(config: BrokerConfig) -> None:
         max_message_bytes=config.max_message_bytes,
     )
     store = open_store(config)
-    service = BrokerService(
-        Broker(store, config, endpoint.publish_endpoint), endpoint, wakeup, store
-    )
+    broker = Broker(store, config, endpoint.publish_endpoint)
+    if metrics is not None:
+        metrics.attach(broker)
+        broker.observers.append(metrics)
+    service = BrokerService(broker, endpoint, wakeup, store)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _on_signal, service, signum)
@@ -58,6 +66,33 @@ def _on_signal(service: BrokerService, signum: int) -> None:
     service.stop()
 
 
+def metrics_host(bind: str) -> str:
+    """The host of a ``tcp://host:port`` bind URL; 127.0.0.1 for a wildcard or non-TCP one."""
+    scheme, _, rest = bind.partition("://")
+    host = rest.rpartition(":")[0].strip("[]") if scheme == "tcp" else ""
+    return "127.0.0.1" if host in ("", "*", "0.0.0.0", "::") else host
+
+
+def _start_metrics(bind: str, host: str | None, port: int) -> BrokerMetrics:
+    """Serve /metrics on host:port (exits with a clear message if that is impossible)."""
+    try:
+        from broker.metrics import BrokerMetrics
+    except ImportError as exc:
+        log.error(
+            "--metrics-port needs the prometheus_client package (%s): %s", exc, METRICS_EXTRA_HINT
+        )
+        sys.exit(ExitCode.CONFIG)
+    host = host or metrics_host(bind)
+    metrics = BrokerMetrics()
+    try:
+        metrics.serve(host, port)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s port %d: %s", host, port, exc)
+        sys.exit(ExitCode.UNAVAILABLE)
+    log.info("serving metrics on http://%s:%d/metrics", host, metrics.port or port)
+    return metrics
+
+
 @click.command(context_settings={"auto_envvar_prefix": "FLOWRRA", "show_default": True})
 @click.option("--bind", default="tcp://127.0.0.1:5555", help="ROUTER endpoint to bind.")
 @click.option("--publish", default=None, help="Result PUB endpoint (default: bind port + 1).")
@@ -76,8 +111,19 @@ def _on_signal(service: BrokerService, signum: int) -> None:
 @click.option("--heartbeat-ms", default=1000, type=click.IntRange(min=10))
 @click.option("--liveness", default=3, type=click.IntRange(min=1), help="Missed heartbeats.")
 @click.option("--result-ttl", default=86400.0, type=click.FloatRange(min=1), help="Seconds.")
-@click.option("--max-message-bytes", default=16 * 1024 * 1024, type=click.IntRange(min=1024))
+@click.option("--max-message-bytes", default=16 * 1024 * 1024, type=click.IntRange(min=65536))
 @click.option("--max-worker-losses", default=3, type=click.IntRange(min=1))
+@click.option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port, logged).",
+)
+@click.option(
+    "--metrics-host",
+    default=None,
+    help="Address of the metrics server [default: the --bind host, 127.0.0.1 for a wildcard].",
+)
 @click.option("--log-level", default="INFO", type=click.Choice(LOG_LEVELS))
 @click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
 def main(
@@ -91,6 +137,8 @@ def main(
     result_ttl: float,
     max_message_bytes: int,
     max_worker_losses: int,
+    metrics_port: int | None,
+    metrics_host: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -108,8 +156,11 @@ def main(
         max_message_bytes=max_message_bytes,
         max_worker_losses=max_worker_losses,
     )
+    metrics = None
+    if metrics_port is not None:
+        metrics = _start_metrics(bind, metrics_host, metrics_port)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, metrics=metrics))
     except zmq.ZMQError as exc:
         log.error("cannot bind %s / %s: %s", bind, publish or "bind port + 1", exc)
         sys.exit(ExitCode.UNAVAILABLE)
@@ -119,4 +170,7 @@ def main(
     except Exception:
         log.exception("the broker stopped on an internal error")
         sys.exit(ExitCode.SOFTWARE)
+    finally:
+        if metrics is not None:
+            metrics.close()
     sys.exit(ExitCode.OK)

@@ -26,7 +26,7 @@ from broker.registry import Lease, NodeRegistry, NodeState
 from broker.store import Store, Table
 from broker.timers import Timers, backoff_s
 from flowrra import protocol
-from flowrra.errors import ProtocolError
+from flowrra.errors import AdminError, ProtocolError
 from flowrra.protocol import (
     Command,
     Dispatch,
@@ -46,6 +46,10 @@ _U64 = struct.Struct(">Q")
 _NEXT_ORDER_KEY = b"next_order"
 # The holder of a lease recovered from the store, until a node claims it.
 _ORPHAN = b""
+# Commands whose content does not depend on the store (kept when a commit fails).
+_STATELESS = frozenset(
+    bytes([c]) for c in (Command.WELCOME, Command.HEARTBEAT, Command.RECONNECT, Command.ERROR)
+)
 
 
 class Outbox:
@@ -160,7 +164,8 @@ class Broker:
         self.queues.push(record.name, record.priority, record.order)
 
     def _lease(self, record: TaskRecord, kind: SlotKind, peer: bytes) -> Lease:
-        self.store.put(Table.LEASES, record.task_id.encode(), _U64.pack(record.attempt))
+        lease_value = _U64.pack(record.attempt) + (record.node_id or "").encode()
+        self.store.put(Table.LEASES, record.task_id.encode(), lease_value)
         lease = Lease(record.task_id, record.attempt, kind, peer, record)
         self.leases[record.task_id] = lease
         return lease
@@ -201,7 +206,7 @@ class Broker:
     def recover(self, now: float) -> None:
         """Rebuild queues, leases and timers from the store after a start or a crash.
 
-        Attempts that were in flight become orphaned leases for one liveness window: a node
+        Attempts that were in flight become orphaned leases for two liveness windows: a node
         that still runs one re-registers and adopts it, or reports its outcome, and the attempt
         counts. Orphans nobody claims go back to their queue at their old position. Attempt
         numbers are durable, so a result from a superseded attempt is always fenced out.
@@ -215,9 +220,14 @@ class Broker:
             _task_id, name, priority = msgpack.unpackb(entry)
             self.queues.push(name, priority, _U64.unpack(key)[0])
             queued += 1
-        for key, attempt in self.store.scan(Table.LEASES):
+        for key, value in self.store.scan(Table.LEASES):
             task_id = key.decode()
-            self.leases[task_id] = Lease(task_id, _U64.unpack(attempt)[0], SlotKind.ASYNC, _ORPHAN)
+            attempt = _U64.unpack(value[:8])[0]
+            lease = Lease(task_id, attempt, SlotKind.ASYNC, _ORPHAN)
+            self.leases[task_id] = lease
+            holder = self.nodes.by_node_id(value[8:].decode())
+            if holder is not None:  # still connected (recovering from a failed commit)
+                self._attach(lease, holder)
             running += 1
         for key, _ in self.store.scan(Table.TIMERS):
             self.timers.schedule(_U64.unpack(key[:8])[0], key[8:].decode())
@@ -234,7 +244,10 @@ class Broker:
         """The tick's writes could not be committed: refuse its submissions, drop the rest
         of its output, and rebuild the in-memory state from what the store really holds."""
         refused = self.outbox.acks
+        # Replies that do not depend on what failed to commit still go out.
+        kept = [(peer, frames) for peer, frames in self.outbox.messages if frames[1] in _STATELESS]
         self.outbox = Outbox()
+        self.outbox.messages = kept
         error = f"broker storage error: {reason}"
         for peer, items in refused.items():
             # A re-sent task that an earlier tick stored is still acknowledged: it will run.
@@ -247,7 +260,19 @@ class Broker:
         for node in self.nodes:
             node.leases.clear()
             node.free = dict(node.slots)
-        self.recover(now)
+        self.recover(now)  # committed leases go back to their connected nodes
+
+    def _attach(self, lease: Lease, node: NodeState) -> bool:
+        """Give an orphaned lease to the node that holds the attempt."""
+        record = self._leased_record(lease)
+        if record is None:
+            return False
+        lease.kind = SlotKind.CPU if record.name in node.names[SlotKind.CPU] else SlotKind.ASYNC
+        lease.node = node.peer
+        record.node_id = node.node_id
+        node.leases.add(lease.task_id)
+        node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
+        return True
 
     def requeue_orphans(self, now: float) -> None:
         """Re-queue recovered in-flight attempts that no node claimed in time."""
@@ -291,7 +316,7 @@ class Broker:
         elif command is Command.RESULTS:
             self.complete(peer, protocol.parse_results(body), now)
         elif command is Command.HEARTBEAT:
-            self.heartbeat_from(peer, now)
+            self.heartbeat_from(peer, body, now)
         elif command is Command.GET:
             self.answer_get(peer, body)
         elif command is Command.HELLO:
@@ -300,6 +325,11 @@ class Broker:
             self.register_node(peer, protocol.parse_ready(body), now)
         elif command is Command.BYE:
             self.unregister_node(peer, now, lost=False)
+        elif command is Command.PAUSE:
+            node = self.nodes.touch(peer, now * 1000)
+            if node is not None and not node.paused:
+                node.paused = True
+                log.info("node %s is draining: no new tasks for it", node.node_id)
         elif command is Command.ADMIN:
             self.answer_admin(peer, body, now)
         else:
@@ -351,7 +381,7 @@ class Broker:
         request_id, verb, args = protocol.parse_admin(body)
         try:
             result = admin.answer(self, verb, args, now)
-        except admin.AdminError as exc:
+        except AdminError as exc:
             self.outbox.send(peer, Command.ADMIN_REPLY, [request_id, str(exc), None])
             return
         self.outbox.send(peer, Command.ADMIN_REPLY, [request_id, None, result])
@@ -402,14 +432,11 @@ class Broker:
             if lease is None or lease.attempt != attempt:
                 continue  # the broker moved on; the node's late result will be fenced out
             if lease.node == _ORPHAN:
-                record = self._leased_record(lease)
-                if record is None:
-                    continue
-                lease.kind = ready.tasks.get(record.name, SlotKind.ASYNC)
-                record.node_id = ready.node_id
-            lease.node = peer
-            node.leases.add(task_id)
-            node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
+                self._attach(lease, node)
+            else:  # it moves over from this node's previous connection
+                lease.node = peer
+                node.leases.add(task_id)
+                node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
         self.outbox.send(peer, Command.WELCOME, self.welcome)
         log.info(
             "node %s joined from %s (pid %d): %d async and %d cpu slots, %d task names",
@@ -421,7 +448,17 @@ class Broker:
             len(ready.tasks),
         )
 
-    def heartbeat_from(self, peer: bytes, now: float) -> None:
+    def heartbeat_from(self, peer: bytes, body: object, now: float) -> None:
+        """A heartbeat on a node's main socket, or (with a body naming the node) on its
+        separate heartbeat socket, which keeps beating while the node's event loop is busy."""
+        if body is not None:
+            if not isinstance(body, dict) or not isinstance(body.get("node_id"), str):
+                raise ProtocolError("HEARTBEAT body must be {node_id: str}")
+            node = self.nodes.by_node_id(body["node_id"])
+            if node is not None:
+                node.last_seen_ms = now * 1000
+                self.outbox.send(peer, Command.HEARTBEAT)  # tells the beater we are alive
+            return
         if self.nodes.touch(peer, now * 1000) is None:
             # We do not know this node (we restarted, or dropped it): ask it to register.
             self.outbox.send(peer, Command.RECONNECT)

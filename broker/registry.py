@@ -45,8 +45,11 @@ class NodeState:
     leases: set[str] = field(default_factory=set)  # task ids
     tasks_done: int = 0
     tasks_failed: int = 0
+    paused: bool = False  # draining for shutdown: finishes what it holds, takes nothing new
 
     def has_credit(self) -> bool:
+        if self.paused:
+            return False
         return any(self.free[kind] > 0 and self.names[kind] for kind in SlotKind)
 
 
@@ -57,6 +60,7 @@ class NodeRegistry:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.expiry_ms = heartbeat_interval_ms * liveness
         self._nodes: dict[bytes, NodeState] = {}
+        self._by_node_id: dict[str, NodeState] = {}
         self._last_check_ms: float | None = None
 
     def __len__(self) -> int:
@@ -69,10 +73,7 @@ class NodeRegistry:
         return self._nodes.get(peer)
 
     def by_node_id(self, node_id: str) -> NodeState | None:
-        for node in self._nodes.values():
-            if node.node_id == node_id:
-                return node
-        return None
+        return self._by_node_id.get(node_id)
 
     def add(self, peer: bytes, ready: NodeReady, now_ms: float) -> NodeState:
         slots = {SlotKind.ASYNC: ready.async_slots, SlotKind.CPU: ready.cpu_slots}
@@ -92,10 +93,14 @@ class NodeRegistry:
             joined_ms=now_ms,
         )
         self._nodes[peer] = node
+        self._by_node_id[node.node_id] = node
         return node
 
     def remove(self, peer: bytes) -> NodeState | None:
-        return self._nodes.pop(peer, None)
+        node = self._nodes.pop(peer, None)
+        if node is not None and self._by_node_id.get(node.node_id) is node:
+            del self._by_node_id[node.node_id]
+        return node
 
     def touch(self, peer: bytes, now_ms: float) -> NodeState | None:
         node = self._nodes.get(peer)
@@ -117,11 +122,11 @@ class NodeRegistry:
             return []
         dead = [n for n in self._nodes.values() if now_ms - n.last_seen_ms > self.expiry_ms]
         for node in dead:
-            del self._nodes[node.peer]
+            self.remove(node.peer)
         return dead
 
     def due_for_heartbeat(self, now_ms: float) -> list[NodeState]:
-        """Nodes the broker has not sent anything to for a heartbeat interval."""
+        """Nodes the broker has not sent a heartbeat to for a heartbeat interval."""
         due = [
             n for n in self._nodes.values() if now_ms - n.last_sent_ms >= self.heartbeat_interval_ms
         ]

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flowrra import protocol
 from flowrra.client import BrokerClient
-from flowrra.errors import FlowrraError, TaskNotFoundError
+from flowrra.errors import FlowrraError, SubmitRejected, TaskNotFoundError
 from flowrra.protocol import Submission, pack_args
 from flowrra.result import TaskResult
-from flowrra.task import TaskSpec, make_spec
+from flowrra.task import TaskSpec, check_priority, make_spec
 from flowrra.transport import InprocHub, Wakeup, ZmqConnector
 
 if TYPE_CHECKING:
@@ -76,19 +76,25 @@ class Flowrra:
 
     def task(
         self,
-        name: str | None = None,
+        name: str | Callable[..., Any] | None = None,
         max_retries: int = 3,
         retry_delay: float = 1.0,
         priority: int = 0,
         cpu_bound: bool = False,
         timeout: float | None = None,
     ) -> Callable[[F], F]:
-        """Register a function as a task; the function itself is returned unchanged."""
+        """Register a function as a task; the function itself is returned unchanged.
+
+        Use it as ``@app.task()`` (or ``@app.task`` without parentheses for the defaults).
+        """
+        if callable(name):  # used bare: @app.task
+            return self.task()(name)
+        task_name = name
 
         def register(fn: F) -> F:
             spec = make_spec(
                 fn,
-                name=name,
+                name=task_name,
                 max_retries=max_retries,
                 retry_delay=retry_delay,
                 priority=priority,
@@ -259,8 +265,7 @@ class Flowrra:
         overrides the task's default; ``task_id`` makes the submit idempotent: submitting an
         id the broker already has queues nothing new and returns the same id.
         """
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            raise TypeError(f"priority must be an int, got {priority!r}")
+        check_priority(priority)
         spec = self.spec_for(task)
         client = self._connected()
         submission = self._submission(client, spec, args, kwargs, priority, task_id)
@@ -279,6 +284,7 @@ class Flowrra:
         Each item of ``calls`` is a sequence of positional arguments, or an
         ``(args, kwargs)`` pair when it is a 2-tuple whose second item is a dict.
         """
+        check_priority(priority)
         spec = self.spec_for(task)
         client = self._connected()
         submissions = []
@@ -288,8 +294,13 @@ class Flowrra:
             else:
                 args, kwargs = call, {}
             submissions.append(self._submission(client, spec, args, kwargs, priority))
-        await client.submit(submissions)
-        return [s.task_id for s in submissions]
+        task_ids = [s.task_id for s in submissions]
+        try:
+            await client.submit(submissions)
+        except SubmitRejected as exc:
+            exc.task_ids = task_ids  # the others were accepted and will run
+            raise
+        return task_ids
 
     # ------------------------------------------------------------------ results
 

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import math
 import sys
-from typing import Any
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
 import click
 
 from flowrra import __version__
 from flowrra.client import BrokerClient
-from flowrra.errors import BrokerUnavailable
+from flowrra.errors import AdminError, BrokerUnavailable, ProtocolError
 from flowrra.exitcodes import ExitCode
+from flowrra.protocol import unpack_args, unpack_value
 from flowrra.result import TaskResult
 from flowrra.transport import ZmqConnector
+
+T = TypeVar("T")
+
+# Queue priorities the broker accepts (broker.queues.MIN_PRIORITY / MAX_PRIORITY).
+_PRIORITY = click.IntRange(-(2**31), 2**31 - 1)
+# Clear the screen and move the cursor home (what click.clear() writes on a terminal).
+_CLEAR = "\033[2J\033[1;1H"
+DASHBOARD_EXTRA_HINT = (
+    "the dashboard needs the 'dashboard' extra: pip install 'flowrra-fabric[dashboard]'"
+)
 
 
 def _client(broker: str, timeout: float) -> BrokerClient:
@@ -28,6 +42,112 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     return str(value)
+
+
+def _to_json(value: Any) -> Any:
+    """``value`` made of JSON types only: bytes as hex, datetimes ISO, map keys as strings,
+    non-finite floats as strings (so the output is strict JSON)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {_json_key(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    return _jsonable(value)
+
+
+def _json_key(key: Any) -> str:
+    return key if isinstance(key, str) else str(_to_json(key))
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(_to_json(value), allow_nan=False))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _iso(timestamp: float | None) -> str:
+    """A Unix timestamp as ISO 8601 in UTC (millisecond precision), or "-"."""
+    if timestamp is None:
+        return "-"
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _iso_or_none(timestamp: float | None) -> str | None:
+    return None if timestamp is None else _iso(timestamp)
+
+
+def _duration(seconds: float | None) -> str:
+    """A duration for people: 0.012s, 4.2s, 3m 12s, 2h 5m, 1d 3h."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.3f}s" if seconds < 1 else f"{seconds:.1f}s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """Aligned plain-text columns (two spaces apart, no trailing blanks)."""
+    cells = [[str(c) for c in headers], *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    ]
+
+
+def _fields(pairs: Sequence[tuple[str, object]]) -> list[str]:
+    """``label  value`` lines with the values aligned."""
+    width = max(len(label) for label, _ in pairs)
+    return [f"{label.ljust(width)}  {value}".rstrip() for label, value in pairs]
+
+
+def _one_line(text: str | None, limit: int = 80) -> str:
+    """The first line of ``text``, shortened to ``limit`` characters."""
+    if not text:
+        return "-"
+    line = text.strip().splitlines()[0] if text.strip() else "-"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except BrokerUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ExitCode.UNAVAILABLE)
+    except AdminError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ExitCode.FAILURE)
+    except TimeoutError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ExitCode.FAILURE)
+
+
+async def _admin(obj: dict[str, Any], verb: str, **args: Any) -> Any:
+    """One operator command on a fresh connection."""
+    client = _client(obj["broker"], obj["timeout"])
+    await client.connect()
+    try:
+        return await client.admin(verb, **args)
+    finally:
+        await client.close()
 
 
 @click.group(context_settings={"auto_envvar_prefix": "FLOWRRA", "show_default": True})
@@ -95,6 +215,385 @@ def result(obj: dict[str, Any], task_id: str, wait_s: float | None, as_json: boo
     _run(run())
 
 
+# --------------------------------------------------------------------------- status
+
+
+def render_status(reply: dict[str, Any]) -> list[str]:
+    """The lines of ``flowrra status`` for one ``status`` reply."""
+    lines = _fields(
+        [
+            ("broker", reply.get("broker_id", "?")),
+            ("uptime", _duration(reply.get("uptime_s"))),
+            ("queued", reply.get("queued", 0)),
+            ("in flight", reply.get("in_flight", 0)),
+            ("retry timers", reply.get("retry_timers", 0)),
+            ("dead letters", reply.get("dead_letters", 0)),
+            ("results stored", reply.get("results_stored", 0)),
+            ("tasks/s (1 min)", f"{reply.get('tasks_per_second_1m', 0.0):.3f}"),
+        ]
+    )
+    nodes = reply.get("nodes") or []
+    lines.append("")
+    if nodes:
+        lines += _table(
+            ("NODE", "HOST", "PID", "ASYNC", "CPU", "DONE", "FAILED", "HEARTBEAT"),
+            (
+                (
+                    n["node_id"],
+                    n["hostname"],
+                    n["pid"],
+                    f"{n['async_used']}/{n['async_total']}",
+                    f"{n['cpu_used']}/{n['cpu_total']}",
+                    n["tasks_done"],
+                    n["tasks_failed"],
+                    f"{_duration(n['last_heartbeat_age_s'])} ago",
+                )
+                for n in nodes
+            ),
+        )
+    else:
+        lines.append("no nodes connected")
+    by_priority: dict[str, int] = reply.get("queued_by_priority") or {}
+    if by_priority:
+        lines.append("")
+        ordered = sorted(by_priority.items(), key=lambda item: int(item[0]), reverse=True)
+        lines += _table(("PRIORITY", "QUEUED"), ordered)
+    by_name: dict[str, int] = reply.get("queued_by_name") or {}
+    if by_name:
+        lines.append("")
+        lines += _table(("TASK", "QUEUED"), sorted(by_name.items()))
+    return lines
+
+
+@main.command()
+@click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C.")
+@click.option(
+    "--interval", default=2.0, type=click.FloatRange(min=0.05), help="Seconds between redraws."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one document per line).")
+@click.pass_obj
+def status(obj: dict[str, Any], watch: bool, interval: float, as_json: bool) -> None:
+    """Nodes, queue depths, in-flight work, retries, dead letters and throughput."""
+    if not watch:
+        reply = _run(_admin(obj, "status"))
+        if as_json:
+            _echo_json(reply)
+        else:
+            click.echo("\n".join(render_status(reply)))
+        return
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends watching: a normal exit
+        _run(_watch_status(obj, interval, as_json))
+    sys.exit(ExitCode.OK)
+
+
+async def _watch_status(obj: dict[str, Any], interval: float, as_json: bool) -> None:
+    client = _client(obj["broker"], obj["timeout"])
+    await client.connect()
+    terminal = sys.stdout.isatty()
+    try:
+        while True:
+            try:
+                reply: Any = await client.admin("status")
+                error = None
+            except BrokerUnavailable as exc:
+                reply, error = None, str(exc)
+            if as_json:
+                _echo_json(reply if error is None else {"error": error})
+            else:
+                now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+                header = f"every {interval:g}s: flowrra status {obj['broker']}  {now}"
+                body = render_status(reply) if error is None else [f"error: {error}"]
+                frame = "\n".join([header, "", *body])
+                # On a terminal, clear and redraw in one write; piped, frames follow each
+                # other separated by a blank line.
+                click.echo(_CLEAR + frame if terminal else frame + "\n")
+            await asyncio.sleep(interval)
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+_TIMESTAMPS = ("submitted_at", "started_at", "finished_at", "retry_at", "expires_at")
+
+
+def _decode_payload(payload: Any) -> tuple[list[Any], dict[str, Any]] | str:
+    """The task's (args, kwargs), or why they cannot be shown."""
+    if not isinstance(payload, bytes):
+        return "no arguments stored"
+    try:
+        args, kwargs = unpack_args(payload)
+    except ProtocolError as exc:
+        return f"undecodable arguments: {exc}"
+    return list(args), kwargs
+
+
+def _decode_result(packed: Any) -> tuple[bool, Any]:
+    """(True, value) for a stored result, (False, why) when there is none to show."""
+    if packed is None:
+        return False, None
+    if not isinstance(packed, bytes):
+        return False, f"unexpected result type {type(packed).__name__}"
+    try:
+        return True, unpack_value(packed)
+    except ProtocolError as exc:
+        return False, f"undecodable result: {exc}"
+
+
+def _attempts(history: Any) -> list[dict[str, Any]]:
+    attempts = []
+    for entry in history or []:
+        attempt, node_id, started, finished, outcome, error = (list(entry) + [None] * 6)[:6]
+        run_s = None
+        if isinstance(started, int | float) and isinstance(finished, int | float):
+            run_s = max(0.0, finished - started)
+        attempts.append(
+            {
+                "attempt": attempt,
+                "node_id": node_id,
+                "started_at": started,
+                "finished_at": finished,
+                "run_s": run_s,
+                "outcome": outcome,
+                "error": error,
+            }
+        )
+    return attempts
+
+
+def inspect_json(record: dict[str, Any]) -> dict[str, Any]:
+    """The ``inspect --json`` document: arguments and result decoded, times ISO."""
+    out = dict(record)
+    decoded = _decode_payload(record.get("payload"))
+    if isinstance(decoded, str):
+        out["args"] = out["kwargs"] = None
+        out["args_error"] = decoded
+    else:
+        out["args"], out["kwargs"] = decoded
+    has_result, value = _decode_result(record.get("result"))
+    out["result"] = value if has_result else None
+    if not has_result and value is not None:
+        out["result_error"] = value
+    for name in _TIMESTAMPS:
+        if name in out:
+            out[name] = _iso_or_none(out[name])
+    history = []
+    for attempt in _attempts(record.get("history")):
+        attempt["started_at"] = _iso_or_none(attempt["started_at"])
+        attempt["finished_at"] = _iso_or_none(attempt["finished_at"])
+        history.append(attempt)
+    out["history"] = history
+    return out
+
+
+def render_inspect(record: dict[str, Any]) -> list[str]:
+    """The lines of ``flowrra inspect`` for one ``inspect`` reply."""
+    decoded = _decode_payload(record.get("payload"))
+    timeout = record.get("timeout")
+    pairs: list[tuple[str, object]] = [
+        ("task id", record["task_id"]),
+        ("name", record["task_name"]),
+        ("status", record["status"]),
+        ("priority", record.get("priority", "-")),
+        ("submitted", _iso(record.get("submitted_at"))),
+        ("started", _iso(record.get("started_at"))),
+        ("finished", _iso(record.get("finished_at"))),
+        (
+            "retries",
+            f"{record.get('retries', 0)} of {record.get('max_retries', '?')} "
+            f"(delay {record.get('retry_delay', '?')}s)",
+        ),
+        ("timeout", "none" if timeout is None else f"{timeout}s"),
+        ("attempt", record.get("attempt", "-")),
+        ("node", record.get("node_id") or "-"),
+        ("retry at", _iso(record.get("retry_at"))),
+        ("worker losses", record.get("worker_losses", 0)),
+        ("expires", _iso(record.get("expires_at"))),
+    ]
+    if isinstance(decoded, str):
+        pairs.append(("args", decoded))
+    else:
+        pairs += [("args", repr(decoded[0])), ("kwargs", repr(decoded[1]))]
+    has_result, value = _decode_result(record.get("result"))
+    if has_result:
+        pairs.append(("result", repr(value)))
+    elif value is not None:
+        pairs.append(("result", value))
+    if record.get("error"):
+        pairs.append(("error", record["error"]))
+    lines = _fields(pairs)
+    attempts = _attempts(record.get("history"))
+    lines.append("")
+    if attempts:
+        lines.append("attempts:")
+        lines += _table(
+            ("ATTEMPT", "NODE", "STARTED", "FINISHED", "TOOK", "OUTCOME", "ERROR"),
+            (
+                (
+                    a["attempt"],
+                    a["node_id"] or "-",
+                    _iso(a["started_at"]),
+                    _iso(a["finished_at"]),
+                    _duration(a["run_s"]),
+                    a["outcome"],
+                    _one_line(a["error"]),
+                )
+                for a in attempts
+            ),
+        )
+    else:
+        lines.append("attempts: none finished yet")
+    traceback = record.get("traceback")
+    if traceback:
+        lines.append("")
+        lines.append("traceback:")
+        lines += ["  " + line for line in str(traceback).rstrip().splitlines()]
+    return lines
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def inspect(obj: dict[str, Any], task_id: str, as_json: bool) -> None:
+    """Everything the broker knows about one task: arguments, attempts, error, result."""
+    record = _run(_admin(obj, "inspect", task_id=task_id))
+    if record is None:
+        click.echo(f"unknown task id {task_id}", err=True)
+        sys.exit(ExitCode.FAILURE)
+    if as_json:
+        _echo_json(inspect_json(record))
+    else:
+        click.echo("\n".join(render_inspect(record)))
+
+
+# --------------------------------------------------------------------------- tasks, purge
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def tasks(obj: dict[str, Any], as_json: bool) -> None:
+    """Task names the connected nodes serve, and which nodes serve them."""
+    served: dict[str, list[str]] = _run(_admin(obj, "tasks"))
+    if as_json:
+        _echo_json(served)
+    elif not served:
+        click.echo("no connected node serves any task")
+    else:
+        rows = ((name, ", ".join(nodes)) for name, nodes in sorted(served.items()))
+        click.echo("\n".join(_table(("TASK", "NODES"), rows)))
+
+
+@main.command()
+@click.option("--priority", type=_PRIORITY, default=None, help="Only tasks of this priority.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def purge(obj: dict[str, Any], priority: int | None, yes: bool) -> None:
+    """Drop queued tasks (running, retrying and finished tasks are kept)."""
+    which = "queued tasks" if priority is None else f"queued tasks of priority {priority}"
+    if not yes:
+        reply = _run(_admin(obj, "status"))
+        if priority is None:
+            queued = int(reply.get("queued", 0))
+        else:
+            queued = int((reply.get("queued_by_priority") or {}).get(str(priority), 0))
+        if queued == 0:
+            click.echo(f"no {which}: nothing to purge")
+            return
+        if not click.confirm(f"drop {queued} {which} at {obj['broker']}?", default=False):
+            click.echo("nothing purged", err=True)
+            sys.exit(ExitCode.FAILURE)
+    args = {} if priority is None else {"priority": priority}
+    dropped = _run(_admin(obj, "purge", **args))
+    click.echo(f"dropped {dropped} {which}")
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+@main.group()
+def dead() -> None:
+    """Tasks that failed after all their retries (the dead-letter list)."""
+
+
+@dead.command("list")
+@click.option("--limit", default=100, type=click.IntRange(1, 2**31 - 1), help="Most shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def dead_list(obj: dict[str, Any], limit: int, as_json: bool) -> None:
+    """FAILED tasks, newest first."""
+    records: list[dict[str, Any]] = _run(_admin(obj, "dead_list", limit=limit))
+    if as_json:
+        out = []
+        for record in records:
+            item = dict(record)
+            for name in _TIMESTAMPS:
+                if name in item:
+                    item[name] = _iso_or_none(item[name])
+            out.append(item)
+        _echo_json(out)
+    elif not records:
+        click.echo("no dead letters")
+    else:
+        rows = (
+            (
+                r["task_id"],
+                r["task_name"],
+                r["retries"],
+                _iso(r["finished_at"]),
+                _one_line(r["error"], 60),
+            )
+            for r in records
+        )
+        click.echo("\n".join(_table(("TASK ID", "NAME", "RETRIES", "FAILED AT", "ERROR"), rows)))
+
+
+@dead.command("retry")
+@click.argument("task_id")
+@click.pass_obj
+def dead_retry(obj: dict[str, Any], task_id: str) -> None:
+    """Queue a dead-lettered task again, with its retries reset."""
+    queued = _run(_admin(obj, "dead_retry", task_id=task_id))
+    click.echo(f"task {queued} queued again")
+
+
+# --------------------------------------------------------------------------- dashboard
+
+
+@main.command()
+@click.option(
+    "--broker", "broker_url", default=None, help="The broker's endpoint [default: the group's]."
+)
+@click.option("--host", default="127.0.0.1", help="Address the web server listens on.")
+@click.option("--port", default=8080, type=click.IntRange(1, 65535), help="Its port.")
+@click.pass_obj
+def dashboard(obj: dict[str, Any], broker_url: str | None, host: str, port: int) -> None:
+    """Serve a live web dashboard of the broker (needs the 'dashboard' extra)."""
+    try:
+        from flowrra.dashboard import serve  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as exc:
+        if exc.name == "flowrra.dashboard":
+            raise  # the package itself is incomplete: not a missing extra
+        click.echo(f"error: {DASHBOARD_EXTRA_HINT}", err=True)
+        sys.exit(ExitCode.CONFIG)
+    try:
+        asyncio.run(serve(broker_url or obj["broker"], host, port))
+    except KeyboardInterrupt:
+        pass
+    except BrokerUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ExitCode.UNAVAILABLE)
+    except OSError as exc:  # cannot listen on host:port
+        click.echo(f"error: cannot serve the dashboard on {host}:{port}: {exc}", err=True)
+        sys.exit(ExitCode.UNAVAILABLE)
+    sys.exit(ExitCode.OK)
+
+
+# --------------------------------------------------------------------------- backup
+
+
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("destination", type=click.Path(file_okay=False))
@@ -111,14 +610,3 @@ def backup(data_dir: str, destination: str) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(ExitCode.FAILURE)
     click.echo(f"backed up {data_dir} to {destination} ({size / 2**20:.1f} MiB)")
-
-
-def _run(coro: Any) -> None:
-    try:
-        asyncio.run(coro)
-    except BrokerUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(ExitCode.UNAVAILABLE)
-    except TimeoutError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(ExitCode.FAILURE)

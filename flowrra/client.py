@@ -154,7 +154,10 @@ class BrokerClient:
     async def submit(self, submissions: Sequence[Submission]) -> None:
         """Send tasks and return once the broker has acknowledged (stored) all of them."""
         self._check_open()
-        limit = self.max_message_bytes - 4096  # headroom for the message envelope
+        if not submissions:
+            return
+        # Headroom for the message envelope and the other fields of the submission.
+        limit = self.max_message_bytes - min(4096, self.max_message_bytes // 8)
         for sub in submissions:
             if len(sub.payload) > limit:
                 raise MessageTooLargeError(

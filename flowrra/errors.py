@@ -28,7 +28,13 @@ class BrokerUnavailable(FlowrraError, ConnectionError):
 
 
 class SubmitRejected(FlowrraError):
-    """The broker refused a submitted task (the message says why)."""
+    """The broker refused a submitted task (the message says why).
+
+    For ``submit_many``, ``task_ids`` lists every id of the call: the calls that were not
+    refused were accepted and will run.
+    """
+
+    task_ids: list[str] | None = None
 
 
 class AdminError(FlowrraError):

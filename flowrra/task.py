@@ -97,8 +97,9 @@ def make_spec(
         raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
     if not _finite_number(retry_delay) or retry_delay < 0:
         raise ValueError(f"retry_delay must be a number >= 0, got {retry_delay!r}")
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise TypeError(f"priority must be an int, got {priority!r}")
+    if priority is None:
+        raise TypeError("priority must be an int, got None")
+    check_priority(priority)
     if timeout is not None and (not _finite_number(timeout) or timeout <= 0):
         raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
     if name is not None and (not isinstance(name, str) or not name):
@@ -113,6 +114,16 @@ def make_spec(
         timeout=None if timeout is None else float(timeout),
         is_async=is_async,
     )
+
+
+def check_priority(priority: object) -> None:
+    """Priorities are 32-bit signed ints (None means: the task's default)."""
+    if priority is None:
+        return
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority must be an int, got {priority!r}")
+    if not -(2**31) <= priority < 2**31:
+        raise ValueError(f"priority must fit in 32 bits (-2**31 to 2**31-1), got {priority}")
 
 
 def _finite_number(value: object) -> bool:

@@ -85,7 +85,9 @@ class Link(Protocol):
 
     def send(self, frames: Frames) -> None: ...
     def drain(self, limit: int) -> list[Frames]: ...
-    def close(self) -> None: ...
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; with ``linger_ms``, pending messages get that long to leave."""
+        ...
 
 
 class Subscriber(Protocol):
@@ -157,12 +159,12 @@ class _Watched:
             self.wakeup.set()
         return out
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
         if self._closed:
             return
         self._closed = True
         self._loop.remove_reader(self._fd)
-        self.socket.close(linger=0)
+        self.socket.close(linger=linger_ms)
 
 
 class ZmqLink(_Watched):
@@ -173,8 +175,8 @@ class ZmqLink(_Watched):
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 0)
         socket.setsockopt(zmq.RCVHWM, 0)
-        # Do not queue messages for a broker that is not there yet beyond what the
-        # credit windows allow; reconnect quickly after a broker restart.
+        # Messages wait in the socket while the broker is away (the client re-sends anything
+        # unanswered anyway); reconnect quickly after a broker restart.
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         socket.connect(url)
@@ -437,7 +439,7 @@ class _InprocLink:
     def drain(self, limit: int) -> list[Frames]:
         return _drain_deque(self.inbox, limit, self.wakeup)
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
         if not self._closed:
             self._closed = True
             self._on_close()

@@ -35,11 +35,12 @@ def import_app(spec: str) -> Flowrra:
     return app
 
 
-async def run_node(node: Node, broker: str) -> None:
-    """Run ``node`` until SIGINT or SIGTERM."""
+async def run_node(node: Node, broker: str, grace_s: float = 30.0) -> None:
+    """Run ``node`` until SIGINT or SIGTERM (the first drains for ``grace_s``, a second stops
+    at once)."""
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, _on_signal, node, signum)
+        loop.add_signal_handler(signum, _on_signal, node, signum, grace_s)
     log.info(
         "node %s connecting to %s: %d async slots, %d worker processes, tasks: %s",
         node.node_id,
@@ -51,9 +52,9 @@ async def run_node(node: Node, broker: str) -> None:
     await node.run()
 
 
-def _on_signal(node: Node, signum: int) -> None:
+def _on_signal(node: Node, signum: int, grace_s: float) -> None:
     log.info("received %s, shutting down", signal.Signals(signum).name)
-    node.stop()
+    node.stop(grace_s)
 
 
 @click.command(context_settings={"auto_envvar_prefix": "FLOWRRA", "show_default": True})
@@ -66,7 +67,15 @@ def _on_signal(node: Node, signum: int) -> None:
     type=click.IntRange(min=0),
     help="Worker processes for cpu_bound tasks [default: CPU count].",
 )
-@click.option("--node-id", default=None, help="A stable name for this node [default: host-pid].")
+@click.option(
+    "--node-id", default=None, help="A stable name for this node [default: host-pid-random]."
+)
+@click.option(
+    "--grace",
+    default=30.0,
+    type=click.FloatRange(min=0),
+    help="Seconds running tasks get to finish on SIGTERM before they are handed back.",
+)
 @click.option("--log-level", default="INFO", type=click.Choice(LOG_LEVELS))
 @click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
 def main(
@@ -75,6 +84,7 @@ def main(
     concurrency: int,
     processes: int | None,
     node_id: str | None,
+    grace: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -88,5 +98,5 @@ def main(
     node = Node(
         app, ZmqConnector(broker), concurrency=concurrency, processes=processes, node_id=node_id
     )
-    asyncio.run(run_node(node, broker))
+    asyncio.run(run_node(node, broker, grace))
     sys.exit(ExitCode.OK)

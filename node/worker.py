@@ -23,7 +23,8 @@ from flowrra import protocol
 from flowrra.errors import ProtocolError, RemoteTaskError, TaskTimeoutError
 from flowrra.protocol import Command, Dispatch, ErrorInfo, Outcome, SlotKind
 from flowrra.task import TaskSpec
-from flowrra.transport import Connector, Link, Wakeup
+from flowrra.transport import Connector, Link, Wakeup, ZmqConnector
+from node.heartbeat import HeartbeatThread
 from node.process_pool import FunctionRef, ProcessPool
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ DRAIN_LIMIT = 1000
 # may have restarted before committing them. Attempt fencing makes the resend harmless.
 RECENT_OUTCOMES_S = 30.0
 RECENT_OUTCOMES_MAX = 10_000
+# Bytes kept free in a RESULTS message for everything but the result value itself.
+OUTCOME_HEADROOM = 64 * 1024
 
 
 class Node:
@@ -77,12 +80,29 @@ class Node:
         self._registrations = 0
         self._flush_scheduled = False
         self._stopping = False
+        self._drain_until: float | None = None
         self._last_sent = 0.0
+        self._max_message_bytes = protocol.MAX_MESSAGE_BYTES
+        self._heartbeat: HeartbeatThread | None = None
         self.tasks_done = 0
 
-    def stop(self) -> None:
-        """Leave the broker: running attempts are cancelled and handed back."""
-        self._stopping = True
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Leave the broker.
+
+        With ``grace_s`` the node first drains: it asks for no more tasks and lets the running
+        ones finish for up to ``grace_s`` seconds. Whatever is still running then (or at once,
+        without grace or on a second call) is cancelled and handed back to the broker, which
+        queues it again. Nothing is lost either way.
+        """
+        if grace_s > 0 and self._drain_until is None and not self._stopping and self._running:
+            self._drain_until = time.monotonic() + grace_s
+            log.info(
+                "draining: waiting up to %.0fs for %d running tasks", grace_s, len(self._running)
+            )
+            if self._link is not None:
+                self._link.send(protocol.encode(Command.PAUSE))
+        else:
+            self._stopping = True
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -90,10 +110,20 @@ class Node:
             self._pool = ProcessPool(self.processes)
             await self._pool.start()
         self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="flowrra-task")
+        if isinstance(self.connector, ZmqConnector):
+            self._heartbeat = HeartbeatThread(
+                self.connector.context,
+                self.connector.broker_url,
+                self.node_id,
+                self.heartbeat_interval_s,
+            )
+            self._heartbeat.start()
         try:
             while not self._stopping:
                 await self._session()
         finally:
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
             await self._shutdown()
 
     # ------------------------------------------------------------------ broker session
@@ -110,9 +140,24 @@ class Node:
                 for name, spec in self.specs.items()
                 if spec.kind is SlotKind.ASYNC or self.processes
             },
-            running=[(task_id, attempt) for task_id, (attempt, _) in self._running.items()],
+            running=self._held_attempts(),
         )
         return protocol.encode(Command.READY, ready.to_wire())
+
+    def _held_attempts(self) -> list[tuple[str, int]]:
+        """Attempts this node still answers for: running, or finished with the outcome not
+        yet confirmed, so the broker keeps their leases instead of running them again."""
+        held = {task_id: attempt for task_id, (attempt, _) in self._running.items()}
+        for _, outcome in self._recent:
+            held.setdefault(outcome[0], outcome[1])
+        for outcome in self._outcomes:
+            held.setdefault(outcome[0], outcome[1])
+        return list(held.items())
+
+    def _broker_last_heard(self, main_loop_heard: float) -> float:
+        if self._heartbeat is None:
+            return main_loop_heard
+        return max(main_loop_heard, self._heartbeat.last_heard)
 
     async def _session(self) -> None:
         """One connection to the broker, until it is lost or the node stops."""
@@ -132,47 +177,62 @@ class Node:
                 for frames in messages:
                     try:
                         message = protocol.decode(frames)
+                        command = message.command
+                        if command is Command.TASKS:
+                            self._start(protocol.parse_tasks(message.body))
+                        elif command is Command.WELCOME:
+                            welcome = protocol.parse_welcome(message.body)
+                            # Heartbeat rates must agree on both sides: adopt the broker's.
+                            interval = welcome.heartbeat_interval_ms / 1000
+                            expiry = interval * welcome.heartbeat_liveness
+                            if self._heartbeat is not None:
+                                self._heartbeat.interval_s = interval
+                            self._max_message_bytes = welcome.max_message_bytes
+                            if not welcomed:
+                                log.info("registered with broker %s", welcome.broker_id[:8])
+                            welcomed = True
+                            self._registrations += 1
+                            self.ready.set()
+                            if self._drain_until is not None:
+                                link.send(protocol.encode(Command.PAUSE))
+                            if self._registrations > 1:
+                                self._resend_recent()
+                            self._flush()  # outcomes that finished while we were away
+                        elif command is Command.RECONNECT:
+                            log.info("broker asked us to register again")
+                            link.send(self._ready_message())
+                            self._last_sent = now
+                        elif command is Command.ERROR:
+                            code, text = protocol.parse_error(message.body)
+                            log.error("broker error (%s): %s", code, text)
                     except ProtocolError as exc:
                         log.warning("dropped a malformed message from the broker: %s", exc)
-                        continue
-                    command = message.command
-                    if command is Command.TASKS:
-                        self._start(protocol.parse_tasks(message.body))
-                    elif command is Command.WELCOME:
-                        welcome = protocol.parse_welcome(message.body)
-                        # Heartbeat rates must agree on both sides: adopt the broker's.
-                        interval = welcome.heartbeat_interval_ms / 1000
-                        expiry = interval * welcome.heartbeat_liveness
-                        if not welcomed:
-                            log.info("registered with broker %s", welcome.broker_id[:8])
-                        welcomed = True
-                        self._registrations += 1
-                        self.ready.set()
-                        if self._registrations > 1:
-                            self._resend_recent()
-                        self._flush()  # outcomes that finished while we were away
-                    elif command is Command.RECONNECT:
-                        log.info("broker asked us to register again")
-                        link.send(self._ready_message())
-                        self._last_sent = now
-                    elif command is Command.ERROR:
-                        code, text = protocol.parse_error(message.body)
-                        log.error("broker error (%s): %s", code, text)
-                if now - last_heard > expiry:
-                    log.warning("broker silent for %.1fs; reconnecting", now - last_heard)
+                if self._drain_until is not None and (
+                    not self._running or now >= self._drain_until
+                ):
+                    if self._running:
+                        log.warning("grace period over: handing %d tasks back", len(self._running))
+                    self._stopping = True
+                    break
+                heard = self._broker_last_heard(last_heard)
+                if now - heard > expiry:
+                    log.warning("broker silent for %.1fs; reconnecting", now - heard)
                     return
                 if welcomed and now - self._last_sent >= interval:
                     link.send(protocol.encode(Command.HEARTBEAT))
                     self._last_sent = now
                 if not messages:
-                    wait = min(interval - (now - self._last_sent), expiry - (now - last_heard))
+                    wait = min(interval - (now - self._last_sent), expiry - (now - heard))
                     await self._wakeup.wait(max(wait, 0.001))
                 else:
                     await asyncio.sleep(0)
         finally:
             if self._stopping:
+                self._flush()
                 link.send(protocol.encode(Command.BYE))
-            link.close()
+                link.close(linger_ms=1000)  # let BYE and the last outcomes leave
+            else:
+                link.close()
             self._link = None
 
     # ------------------------------------------------------------------ execution
@@ -202,9 +262,19 @@ class Node:
             error = ErrorInfo("TaskTimeoutError", str(exc), None)
         except Exception as exc:
             error = ErrorInfo.from_exception(exc, traceback.format_exc())
+        limit = self._max_message_bytes - OUTCOME_HEADROOM
+        if value is not None and len(value) > limit:
+            error = ErrorInfo(
+                "MessageTooLargeError",
+                f"the result encodes to {len(value)} bytes; the broker accepts at most {limit}",
+                None,
+            )
+            value = None
         entry = self._running.get(dispatch.task_id)
         if entry is not None and entry[0] == dispatch.attempt:
             del self._running[dispatch.task_id]
+            if self._drain_until is not None:
+                self._wakeup.set()  # the drain may be complete
         self.tasks_done += 1
         self._outcomes.append(
             Outcome(
@@ -255,7 +325,7 @@ class Node:
         if not self._outcomes or self._link is None:
             return  # sent on the next link once it exists
         outcomes, self._outcomes = self._outcomes, []
-        self._link.send(protocol.encode(Command.RESULTS, outcomes))
+        self._send_outcomes(outcomes)
         now = time.monotonic()
         self._last_sent = now
         recent = self._recent
@@ -263,11 +333,26 @@ class Node:
         while recent and recent[0][0] < now - RECENT_OUTCOMES_S:
             recent.popleft()
 
+    def _send_outcomes(self, outcomes: list[list[Any]]) -> None:
+        """RESULTS messages no larger than the broker accepts (it drops bigger ones)."""
+        assert self._link is not None
+        limit = self._max_message_bytes
+        batch: list[list[Any]] = []
+        size = 0
+        for outcome in outcomes:
+            cost = _outcome_size(outcome)
+            if batch and size + cost > limit:
+                self._link.send(protocol.encode(Command.RESULTS, batch))
+                batch, size = [], 0
+            batch.append(outcome)
+            size += cost
+        if batch:
+            self._link.send(protocol.encode(Command.RESULTS, batch))
+
     def _resend_recent(self) -> None:
         if self._recent and self._link is not None:
             log.info("re-reporting %d recent outcomes to the broker", len(self._recent))
-            outcomes = [outcome for _, outcome in self._recent]
-            self._link.send(protocol.encode(Command.RESULTS, outcomes))
+            self._send_outcomes([outcome for _, outcome in self._recent])
 
     async def _shutdown(self) -> None:
         running = [task for _, task in self._running.values()]
@@ -280,3 +365,12 @@ class Node:
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
         log.info("node %s stopped", self.node_id)
+
+
+def _outcome_size(outcome: list[Any]) -> int:
+    """Roughly the encoded size of one outcome (its value or error text dominates)."""
+    value, error = outcome[2], outcome[3]
+    size = 256 + (len(value) if value else 0)
+    if error:
+        size += len(error[1]) + len(error[2] or "")
+    return size
