@@ -7,6 +7,7 @@ import datetime as dt
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -168,7 +169,7 @@ async def test_unresolvable_functions(shared_pool: ProcessPool) -> None:
 async def test_main_module_resolves_to_the_spawned_main(monkeypatch: pytest.MonkeyPatch) -> None:
     mp_main = types.ModuleType("__mp_main__")
     mp_main.task = lambda: "from __mp_main__"  # type: ignore[attr-defined]
-    monkeypatch.setitem(__import__("sys").modules, "__mp_main__", mp_main)
+    monkeypatch.setitem(sys.modules, "__mp_main__", mp_main)
     assert _resolve("__main__", "task")() == "from __mp_main__"
 
 
@@ -272,3 +273,39 @@ async def test_close_stops_every_worker(make_pool: MakePool) -> None:
     await pool.close()  # idempotent
     with pytest.raises(RuntimeError):
         await call(pool, "add", 1, 1)
+
+
+ORPHAN_SCRIPT = """
+import asyncio, os, signal
+from node.process_pool import ProcessPool
+
+async def main():
+    pool = ProcessPool(2)
+    await pool.start()
+    print(*pool.pids, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # die without close()
+
+asyncio.run(main())
+"""
+
+
+def process_ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for an init that does not reap (as in some containers)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+async def test_workers_exit_when_the_parent_dies() -> None:
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ORPHAN_SCRIPT, stdout=asyncio.subprocess.PIPE
+    )
+    assert parent.stdout is not None
+    line = await asyncio.wait_for(parent.stdout.readline(), timeout=10)
+    await parent.wait()
+    pids = [int(p) for p in line.split()]
+    assert len(pids) == 2
+    await wait_until(lambda: all(process_ended(pid) for pid in pids))
