@@ -14,6 +14,7 @@ from flowrra.client import BrokerClient
 from flowrra.errors import FlowrraError, SubmitRejected, TaskNotFoundError
 from flowrra.protocol import Submission, pack_args
 from flowrra.result import TaskResult
+from flowrra.security import client_keys
 from flowrra.task import TaskSpec, check_priority, make_spec
 from flowrra.transport import InprocHub, Wakeup, ZmqConnector
 
@@ -44,6 +45,8 @@ class Flowrra:
         processes: int | None = None,
         connect_timeout: float = 10.0,
         request_timeout: float = 30.0,
+        curve_server_key: str | None = None,
+        curve_secret_key: str | None = None,
     ) -> None:
         self.broker_url = broker
         self.data_dir = data_dir
@@ -52,6 +55,8 @@ class Flowrra:
         self.processes = processes
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self.curve_server_key = curve_server_key
+        self.curve_secret_key = curve_secret_key
         self._tasks: dict[str, TaskSpec] = {}
         self._by_function: dict[Callable[..., Any], TaskSpec] = {}
         self._client: BrokerClient | None = None
@@ -138,8 +143,9 @@ class Flowrra:
             )
         else:
             assert self.broker_url is not None
+            keys = client_keys(self.curve_server_key, self.curve_secret_key)
             client = BrokerClient(
-                ZmqConnector(self.broker_url),
+                ZmqConnector(self.broker_url, keys=keys),
                 connect_timeout_s=self.connect_timeout,
                 request_timeout_s=self.request_timeout,
             )

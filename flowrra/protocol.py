@@ -77,6 +77,11 @@ class Command(enum.IntEnum):
 
 _COMMAND_FRAMES: Final = {c: bytes([c]) for c in Command}
 
+# Commands only a node may send (a CURVE-authenticated client key is refused them).
+NODE_ONLY_COMMANDS: Final = frozenset(
+    {Command.READY, Command.RESULTS, Command.HEARTBEAT, Command.BYE, Command.PAUSE}
+)
+
 
 class TaskStatus(enum.StrEnum):
     """Where a task is in its life."""

@@ -18,11 +18,12 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import zmq
 
-from flowrra.protocol import MAX_MESSAGE_BYTES
+from flowrra.protocol import MAX_MESSAGE_BYTES, NODE_ONLY_COMMANDS
+from flowrra.security import ClientKeys
 
 log = logging.getLogger("flowrra.transport")
 
@@ -118,6 +119,17 @@ class BrokerEndpoint(Protocol):
     def close(self) -> None: ...
 
 
+class ServerSecurity(Protocol):
+    """CURVE on the broker's sockets (implemented by ``broker.security.BrokerAccess``)."""
+
+    def apply(self, socket: zmq.Socket[bytes]) -> None: ...
+    def start(self, context: zmq.Context[Any]) -> None: ...
+    def stop(self) -> None: ...
+
+
+_NODE_ONLY_FRAMES = frozenset(bytes([c]) for c in NODE_ONLY_COMMANDS)
+
+
 class Connector(Protocol):
     """Makes links and subscribers to one broker; the client and node take one of these."""
 
@@ -170,8 +182,16 @@ class _Watched:
 class ZmqLink(_Watched):
     """A DEALER connected to the broker."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], url: str, wakeup: Wakeup) -> None:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        url: str,
+        wakeup: Wakeup,
+        keys: ClientKeys | None = None,
+    ) -> None:
         socket = context.socket(zmq.DEALER)
+        if keys is not None:
+            keys.apply(socket)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 0)
         socket.setsockopt(zmq.RCVHWM, 0)
@@ -190,8 +210,16 @@ class ZmqLink(_Watched):
 class ZmqSubscriber(_Watched):
     """A SUB connected to the broker's publish endpoint."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], url: str, wakeup: Wakeup) -> None:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        url: str,
+        wakeup: Wakeup,
+        keys: ClientKeys | None = None,
+    ) -> None:
         socket = context.socket(zmq.SUB)
+        if keys is not None:
+            keys.apply(socket)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RCVHWM, 0)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -211,15 +239,21 @@ class ZmqSubscriber(_Watched):
 class ZmqConnector:
     """Connects links and subscribers over ZeroMQ to ``broker_url``."""
 
-    def __init__(self, broker_url: str, context: zmq.Context[zmq.Socket[bytes]] | None = None):
+    def __init__(
+        self,
+        broker_url: str,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        keys: ClientKeys | None = None,
+    ):
         self.broker_url = broker_url
         self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
+        self.keys = keys
 
     def link(self, wakeup: Wakeup) -> Link:
-        return ZmqLink(self.context, self.broker_url, wakeup)
+        return ZmqLink(self.context, self.broker_url, wakeup, self.keys)
 
     def subscriber(self, publish_endpoint: str, wakeup: Wakeup) -> Subscriber:
-        return ZmqSubscriber(self.context, publish_endpoint, wakeup)
+        return ZmqSubscriber(self.context, publish_endpoint, wakeup, self.keys)
 
 
 def default_publish_endpoint(bind_url: str) -> str:
@@ -253,9 +287,15 @@ class ZmqBrokerEndpoint:
         advertised_publish: str | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        security: ServerSecurity | None = None,
     ) -> None:
         self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context.instance()
+        self.security = security
+        if security is not None:
+            security.start(self.context)
         router = self.context.socket(zmq.ROUTER)
+        if security is not None:
+            security.apply(router)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, ROUTER_SNDHWM)
@@ -263,6 +303,8 @@ class ZmqBrokerEndpoint:
         router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         router.bind(bind_url)
         publisher = self.context.socket(zmq.XPUB)
+        if security is not None:
+            security.apply(publisher)
         publisher.setsockopt(zmq.LINGER, 0)
         publisher.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
         # Every subscription reaches the broker, so it can replay stored state to a late
@@ -288,10 +330,13 @@ class ZmqBrokerEndpoint:
         if self._backlog:
             self._retry_backlog()
         messages: list[tuple[bytes, Frames]] = []
-        for frames in self._router.drain(limit):
-            if len(frames) < 2:
-                continue  # no routing id or empty: nothing to answer
-            messages.append((frames[0], frames[1:]))
+        if self.security is not None:
+            messages = self._drain_authenticated(limit)
+        else:
+            for frames in self._router.drain(limit):
+                if len(frames) < 2:
+                    continue  # no routing id or empty: nothing to answer
+                messages.append((frames[0], frames[1:]))
         # XPUB delivers b"\x01" + topic for a subscription, b"\x00" + topic for its end.
         topics = [
             frames[0][1:]
@@ -299,6 +344,32 @@ class ZmqBrokerEndpoint:
             if frames and frames[0][:1] == b"\x01"
         ]
         return messages, topics
+
+    def _drain_authenticated(self, limit: int) -> list[tuple[bytes, Frames]]:
+        """Like drain, reading each message's CURVE user id: node commands from a client
+        key are dropped here, before the broker sees them."""
+        out: list[tuple[bytes, Frames]] = []
+        socket = self._router.socket
+        try:
+            while len(out) < limit:
+                parts = socket.recv_multipart(_NOBLOCK, copy=False)
+                if len(parts) < 2:
+                    continue
+                user = parts[0].get("User-Id")
+                frames = [part.bytes for part in parts]
+                if (
+                    not str(user).startswith("node:")
+                    and len(frames) > 2
+                    and frames[2] in _NODE_ONLY_FRAMES
+                ):
+                    log.warning("refused a node command from a non-node key (%s)", user)
+                    continue
+                out.append((frames[0], frames[1:]))
+        except zmq.Again:
+            pass
+        if len(out) >= limit:
+            self._router.wakeup.set()
+        return out
 
     def send(self, peer: bytes, frames: Frames) -> bool:
         backlog = self._backlog.get(peer)
@@ -342,6 +413,8 @@ class ZmqBrokerEndpoint:
     def close(self) -> None:
         self._router.close()
         self._publisher.close()
+        if self.security is not None:
+            self.security.stop()
 
 
 # --------------------------------------------------------------------------- in-process

@@ -14,6 +14,7 @@ import click
 from flowrra.app import Flowrra
 from flowrra.exitcodes import ExitCode
 from flowrra.logs import LOG_LEVELS, configure_logging
+from flowrra.security import client_keys
 from flowrra.transport import ZmqConnector
 from node.worker import Node
 
@@ -71,6 +72,18 @@ def _on_signal(node: Node, signum: int, grace_s: float) -> None:
     "--node-id", default=None, help="A stable name for this node [default: host-pid-random]."
 )
 @click.option(
+    "--curve-server-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The broker's public key file: enables CURVE (with --curve-secret-key).",
+)
+@click.option(
+    "--curve-secret-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="This node's secret key file (from 'flowrra keygen').",
+)
+@click.option(
     "--grace",
     default=30.0,
     type=click.FloatRange(min=0),
@@ -84,6 +97,8 @@ def main(
     concurrency: int,
     processes: int | None,
     node_id: str | None,
+    curve_server_key: str | None,
+    curve_secret_key: str | None,
     grace: float,
     log_level: str,
     log_format: str,
@@ -95,8 +110,17 @@ def main(
     except (ImportError, click.BadParameter) as exc:
         log.error("cannot load the app %r: %s", app_spec, exc)
         sys.exit(ExitCode.CONFIG)
+    try:
+        keys = client_keys(curve_server_key, curve_secret_key)
+    except ValueError as exc:
+        log.error("%s", exc)
+        sys.exit(ExitCode.CONFIG)
     node = Node(
-        app, ZmqConnector(broker), concurrency=concurrency, processes=processes, node_id=node_id
+        app,
+        ZmqConnector(broker, keys=keys),
+        concurrency=concurrency,
+        processes=processes,
+        node_id=node_id,
     )
     asyncio.run(run_node(node, broker, grace))
     sys.exit(ExitCode.OK)

@@ -18,6 +18,7 @@ import zmq
 
 from flowrra import protocol
 from flowrra.protocol import Command
+from flowrra.security import ClientKeys
 
 log = logging.getLogger("flowrra.node")
 
@@ -31,6 +32,7 @@ class HeartbeatThread(threading.Thread):
         broker_url: str,
         node_id: str,
         interval_s: float,
+        keys: ClientKeys | None = None,
     ) -> None:
         super().__init__(name="flowrra-heartbeat", daemon=True)
         self._context = context
@@ -39,12 +41,15 @@ class HeartbeatThread(threading.Thread):
         self.interval_s = interval_s
         self.last_heard = time.monotonic()
         self._stopped = threading.Event()
+        self._keys = keys
 
     def stop(self) -> None:
         self._stopped.set()
 
     def run(self) -> None:
         socket = self._context.socket(zmq.DEALER)
+        if self._keys is not None:
+            self._keys.apply(socket)
         socket.setsockopt(zmq.LINGER, 0)
         # Never queue beats for a broker that is not there: stale beats would flood it later.
         socket.setsockopt(zmq.IMMEDIATE, 1)

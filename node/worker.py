@@ -116,6 +116,7 @@ class Node:
                 self.connector.broker_url,
                 self.node_id,
                 self.heartbeat_interval_s,
+                self.connector.keys,
             )
             self._heartbeat.start()
         try:
