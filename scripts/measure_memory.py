@@ -97,11 +97,13 @@ def main() -> None:
     broker = start_broker(port, data_dir, args.durability)
     try:
         asyncio.run(wait_ready(url))
-        before, before_anon = rss_mb(broker.pid)
+        before, _ = rss_mb(broker.pid)
         seconds = asyncio.run(submit_all(url, args.tasks, args.batch))
         after, after_anon = rss_mb(broker.pid)
         print(f"queued {args.tasks:,} tasks in {seconds:.1f}s ({args.tasks / seconds:,.0f}/s)")
-        print(f"broker RSS: {before:.0f} MB before, {after:.0f} MB after ({after_anon:.0f} MB anon)")
+        print(
+            f"broker RSS: {before:.0f} MB before, {after:.0f} MB after ({after_anon:.0f} MB anon)"
+        )
         broker.terminate()
         broker.wait(60)
         size = sum(e.stat().st_size for e in os.scandir(data_dir)) / 2**20
