@@ -80,9 +80,13 @@ async def main() -> None:
 
         print("3. retries with exponential backoff")
         result = await app.wait_for_result(await app.submit(flaky_call, "demo"), timeout=10)
-        print(f"   flaky_call: {result.status.value} after {result.retries} retries: {result.result}")
+        print(
+            f"   flaky_call: {result.status.value} after {result.retries} retries: {result.result}"
+        )
         result = await app.wait_for_result(await app.submit(always_fails), timeout=10)
-        print(f"   always_fails: {result.status.value} after {result.retries} retry: {result.error}\n")
+        print(
+            f"   always_fails: {result.status.value} after {result.retries} retry: {result.error}\n"
+        )
 
         print("4. priorities: higher runs first, FIFO within a priority")
         blockers = [await app.submit(hold, 0.3) for _ in range(4)]  # fill the 4 slots
