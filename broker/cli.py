@@ -13,6 +13,7 @@ import zmq
 
 from broker.config import BrokerConfig
 from broker.core import Broker
+from broker.security import BrokerAccess
 from broker.server import BrokerService, open_store
 from broker.store import Durability
 from flowrra.exitcodes import ExitCode
@@ -30,12 +31,18 @@ METRICS_EXTRA_HINT = "pip install 'flowrra-fabric[metrics]'"
 async def serve(config: BrokerConfig, *, metrics: BrokerMetrics | None = None) -> None:
     """Run a broker on ZeroMQ sockets until SIGINT or SIGTERM (reporting to ``metrics``)."""
     wakeup = Wakeup()
+    security = None
+    if config.curve_secret_key is not None:
+        if config.node_keys is None or config.client_keys is None:
+            raise ValueError("--curve-secret-key needs --node-keys and --client-keys")
+        security = BrokerAccess(config.curve_secret_key, config.node_keys, config.client_keys)
     endpoint = ZmqBrokerEndpoint(
         config.bind,
         config.publish,
         wakeup,
         advertised_publish=config.advertise_publish,
         max_message_bytes=config.max_message_bytes,
+        security=security,
     )
     store = open_store(config)
     broker = Broker(store, config, endpoint.publish_endpoint)
@@ -47,11 +54,12 @@ async def serve(config: BrokerConfig, *, metrics: BrokerMetrics | None = None) -
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _on_signal, service, signum)
     log.info(
-        "broker listening on %s, publishing results on %s; data in %s (durability %s)",
+        "broker listening on %s, publishing results on %s; data in %s (durability %s, %s)",
         endpoint.bind_url,
         endpoint.publish_endpoint,
         config.data_dir or "memory",
         config.durability,
+        "CURVE authentication on" if security else "no authentication",
     )
     try:
         await service.run()
@@ -114,6 +122,24 @@ def _start_metrics(bind: str, host: str | None, port: int) -> BrokerMetrics:
 @click.option("--max-message-bytes", default=16 * 1024 * 1024, type=click.IntRange(min=65536))
 @click.option("--max-worker-losses", default=3, type=click.IntRange(min=1))
 @click.option(
+    "--curve-secret-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The broker's secret key file: enables CURVE authentication and encryption.",
+)
+@click.option(
+    "--node-keys",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Directory of public keys allowed to connect as nodes.",
+)
+@click.option(
+    "--client-keys",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Directory of public keys allowed to connect as clients.",
+)
+@click.option(
     "--metrics-port",
     default=None,
     type=click.IntRange(0, 65535),
@@ -137,6 +163,9 @@ def main(
     result_ttl: float,
     max_message_bytes: int,
     max_worker_losses: int,
+    curve_secret_key: str | None,
+    node_keys: str | None,
+    client_keys: str | None,
     metrics_port: int | None,
     metrics_host: str | None,
     log_level: str,
@@ -155,6 +184,9 @@ def main(
         result_ttl_s=result_ttl,
         max_message_bytes=max_message_bytes,
         max_worker_losses=max_worker_losses,
+        curve_secret_key=curve_secret_key,
+        node_keys=node_keys,
+        client_keys=client_keys,
     )
     metrics = None
     if metrics_port is not None:

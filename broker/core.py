@@ -60,9 +60,11 @@ class Outbox:
         self.tasks: dict[bytes, list[list[Any]]] = defaultdict(list)
         self.messages: list[tuple[bytes, list[bytes]]] = []
         self.publications: list[list[bytes]] = []
+        # Task records to publish, batched per topic: one RESULT message per topic per tick.
+        self.results: dict[bytes, list[dict[str, Any]]] = defaultdict(list)
 
     def __bool__(self) -> bool:
-        return bool(self.acks or self.tasks or self.messages or self.publications)
+        return bool(self.acks or self.tasks or self.messages or self.publications or self.results)
 
     def send(self, peer: bytes, command: Command, body: object = None) -> None:
         self.messages.append((peer, protocol.encode(command, body)))
@@ -78,10 +80,13 @@ class Outbox:
         for peer, items in self.tasks.items():
             out.append((peer, protocol.encode(Command.TASKS, items)))
         publications = self.publications
+        for topic, records in self.results.items():
+            publications.append(protocol.encode_publication(topic, Command.RESULT, records))
         self.acks = defaultdict(list)
         self.tasks = defaultdict(list)
         self.messages = []
         self.publications = []
+        self.results = defaultdict(list)
         return out, publications
 
 
@@ -141,6 +146,8 @@ class Broker:
         self.counters: dict[str, int] = defaultdict(int)
         self.finished_per_second = RateWindow(60)
         self.observers: list[BrokerObserver] = []
+        # Task ids that a subscriber watches by their own topic (tasks it did not submit).
+        self.watched: set[bytes] = set()
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ store helpers
@@ -159,6 +166,7 @@ class Broker:
 
     def _enqueue(self, record: TaskRecord) -> None:
         """Queue a PENDING record at its ``order`` (durably, and in the in-memory heaps)."""
+        record.queued_at = time.time()
         entry = msgpack.packb([record.task_id, record.name, record.priority])
         self.store.put(Table.QUEUE, self.queue_key(record.order), entry)
         self.queues.push(record.name, record.priority, record.order)
@@ -348,8 +356,22 @@ class Broker:
         record = self.view(task_id) if task_id else None
         if record is None:
             self.outbox.publish(task_id, Command.SUBSCRIBED)
-        else:
-            self.outbox.publish(task_id, Command.RESULT, record.public())
+            return
+        self.outbox.results[topic].append(record.public())
+        if not record.status.is_final:
+            self.watched.add(topic)  # its final result will be published on this topic too
+
+    def publish_result(self, record: TaskRecord) -> None:
+        """Publish a final record to the submitter's id prefix (batched per client) and, if
+        someone subscribed to this very task id, on that topic as well."""
+        public = record.public()
+        topic = record.task_id.encode()
+        group = topic[: protocol.CLIENT_PREFIX_CHARS]
+        self.outbox.results[group].append(public)
+        if topic in self.watched:
+            self.watched.discard(topic)
+            if topic != group:
+                self.outbox.results[topic].append(public)
 
     # ------------------------------------------------------------------ clients
 
@@ -359,8 +381,8 @@ class Broker:
         for sub in submissions:
             if self.store.get(Table.TASKS, sub.task_id.encode()) is None:
                 record = TaskRecord.from_submission(sub, self._take_order())
+                self._enqueue(record)  # sets queued_at, saved next
                 self.save(record)
-                self._enqueue(record)
                 self.counters["submitted"] += 1
                 for observer in self.observers:
                     observer.submitted(record.name)
@@ -402,8 +424,8 @@ class Broker:
         record.worker_losses = 0
         record.finished_at = record.expires_at = None
         record.order = self._take_order()
+        self._enqueue(record)  # sets queued_at, saved next
         self.save(record)
-        self._enqueue(record)
         self.counters["dead_retried"] += 1
         log.info("dead-lettered task %s (%s) queued again", task_id, record.name)
         return True
@@ -501,8 +523,8 @@ class Broker:
                 return
         record.status = TaskStatus.PENDING
         record.node_id = None
+        self._enqueue(record)  # sets queued_at, saved next
         self.save(record)
-        self._enqueue(record)
         self.counters["requeued"] += 1
 
     def purge_nodes(self, now: float) -> None:
@@ -557,7 +579,8 @@ class Broker:
         record.node_id = node.node_id
         self._lease(record, kind, node.peer)
         for observer in self.observers:
-            observer.started(record.name, max(0.0, time.time() - record.submitted_at))
+            waited = time.time() - (record.queued_at or record.submitted_at)
+            observer.started(record.name, max(0.0, waited))
         node.leases.add(task_id)
         node.free[kind] -= 1
         self.outbox.tasks[node.peer].append(
@@ -661,7 +684,7 @@ class Broker:
                 run_s = max(0.0, finished_at - record.started_at)
             for observer in self.observers:
                 observer.finished(record.name, record.status, run_s)
-        self.outbox.publish(record.task_id, Command.RESULT, record.public())
+        self.publish_result(record)
 
     # ------------------------------------------------------------------ time
 
@@ -674,8 +697,8 @@ class Broker:
             record.status = TaskStatus.PENDING
             record.retry_at = None
             record.order = self._take_order()
+            self._enqueue(record)  # sets queued_at, saved next
             self.save(record)
-            self._enqueue(record)
 
     def expire_results(self, now: float) -> None:
         """Forget finished tasks whose result TTL has passed."""

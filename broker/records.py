@@ -40,6 +40,7 @@ class TaskRecord:
     # One entry per attempt: [attempt, node_id, started_at, finished_at, outcome, error].
     history: list[list[Any]] = field(default_factory=list)
     expires_at: float | None = None  # when a finished task's record is forgotten
+    queued_at: float | None = None  # when it last entered a queue (for the queue-wait metric)
 
     @classmethod
     def from_submission(cls, sub: Submission, order: int) -> TaskRecord:
@@ -81,6 +82,7 @@ class TaskRecord:
                 self.worker_losses,
                 self.history,
                 self.expires_at,
+                self.queued_at,
             ],
             use_bin_type=True,
         )

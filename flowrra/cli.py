@@ -19,6 +19,8 @@ from flowrra.errors import AdminError, BrokerUnavailable, ProtocolError
 from flowrra.exitcodes import ExitCode
 from flowrra.protocol import unpack_args, unpack_value
 from flowrra.result import TaskResult
+from flowrra.security import client_keys
+from flowrra.security import keygen as generate_keys
 from flowrra.transport import ZmqConnector
 
 T = TypeVar("T")
@@ -32,8 +34,11 @@ DASHBOARD_EXTRA_HINT = (
 )
 
 
-def _client(broker: str, timeout: float) -> BrokerClient:
-    return BrokerClient(ZmqConnector(broker), connect_timeout_s=timeout, request_timeout_s=timeout)
+def _client(obj: dict[str, Any]) -> BrokerClient:
+    """A client of the group's broker, with its CURVE keys if any."""
+    timeout = obj["timeout"]
+    connector = ZmqConnector(obj["broker"], keys=obj.get("keys"))
+    return BrokerClient(connector, connect_timeout_s=timeout, request_timeout_s=timeout)
 
 
 def _jsonable(value: Any) -> Any:
@@ -142,7 +147,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 async def _admin(obj: dict[str, Any], verb: str, **args: Any) -> Any:
     """One operator command on a fresh connection."""
-    client = _client(obj["broker"], obj["timeout"])
+    client = _client(obj)
     await client.connect()
     try:
         return await client.admin(verb, **args)
@@ -154,23 +159,49 @@ async def _admin(obj: dict[str, Any], verb: str, **args: Any) -> Any:
 @click.version_option(__version__, prog_name="flowrra")
 @click.option("--broker", default="tcp://127.0.0.1:5555", help="The broker's endpoint.")
 @click.option("--timeout", default=5.0, type=click.FloatRange(min=0.1), help="Seconds to wait.")
+@click.option(
+    "--curve-server-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The broker's public key file (enables CURVE with --curve-secret-key).",
+)
+@click.option(
+    "--curve-secret-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Our secret key file, from 'flowrra keygen'.",
+)
 @click.pass_context
-def main(ctx: click.Context, broker: str, timeout: float) -> None:
+def main(
+    ctx: click.Context,
+    broker: str,
+    timeout: float,
+    curve_server_key: str | None,
+    curve_secret_key: str | None,
+) -> None:
     """Inspect a running Flowrra broker. Options can also be set as FLOWRRA_<OPTION>."""
-    ctx.obj = {"broker": broker, "timeout": timeout}
+    try:
+        keys = client_keys(curve_server_key, curve_secret_key)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    ctx.obj = {"broker": broker, "timeout": timeout, "keys": keys}
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def ping(obj: dict[str, Any]) -> None:
+def ping(obj: dict[str, Any], as_json: bool) -> None:
     """Check that the broker answers; print what it announces."""
 
     async def run() -> None:
-        client = _client(obj["broker"], obj["timeout"])
+        client = _client(obj)
         await client.connect()
         welcome = client.welcome
         await client.close()
         assert welcome is not None
+        if as_json:
+            _echo_json({"endpoint": obj["broker"], **welcome.to_wire()})
+            return
         click.echo(
             f"broker {welcome.broker_id} at {obj['broker']}: results on "
             f"{welcome.publish_endpoint}, heartbeat {welcome.heartbeat_interval_ms} ms, "
@@ -189,7 +220,7 @@ def result(obj: dict[str, Any], task_id: str, wait_s: float | None, as_json: boo
     """Show one task's status and result."""
 
     async def run() -> None:
-        client = _client(obj["broker"], obj["timeout"])
+        client = _client(obj)
         await client.connect()
         try:
             if wait_s is None:
@@ -287,7 +318,7 @@ def status(obj: dict[str, Any], watch: bool, interval: float, as_json: bool) -> 
 
 
 async def _watch_status(obj: dict[str, Any], interval: float, as_json: bool) -> None:
-    client = _client(obj["broker"], obj["timeout"])
+    client = _client(obj)
     await client.connect()
     terminal = sys.stdout.isatty()
     try:
@@ -572,7 +603,7 @@ def dead_retry(obj: dict[str, Any], task_id: str) -> None:
 def dashboard(obj: dict[str, Any], broker_url: str | None, host: str, port: int) -> None:
     """Serve a live web dashboard of the broker (needs the 'dashboard' extra)."""
     try:
-        from flowrra.dashboard import serve  # type: ignore[import-not-found, unused-ignore]
+        from flowrra.dashboard import serve
     except ImportError as exc:
         if exc.name == "flowrra.dashboard":
             raise  # the package itself is incomplete: not a missing extra
@@ -589,6 +620,30 @@ def dashboard(obj: dict[str, Any], broker_url: str | None, host: str, port: int)
         click.echo(f"error: cannot serve the dashboard on {host}:{port}: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
     sys.exit(ExitCode.OK)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    default=".",
+    type=click.Path(file_okay=False),
+    help="Where to write NAME.key and NAME.key_secret.",
+)
+def keygen(name: str, directory: str) -> None:
+    """Write a new CURVE key pair: NAME.key (public) and NAME.key_secret (keep it private)."""
+    try:
+        public, secret = generate_keys(directory, name)
+    except (FileExistsError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ExitCode.FAILURE)
+    click.echo(
+        f"public key: {public}\nsecret key: {secret} (mode 0600: never copy it off this host)"
+    )
 
 
 # --------------------------------------------------------------------------- backup

@@ -67,7 +67,7 @@ class BrokerClient:
         self._connector = connector
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
-        self.client_id = os.urandom(8).hex()
+        self.client_id = os.urandom(protocol.CLIENT_PREFIX_CHARS // 2).hex()
         self._prefix = self.client_id.encode()
         self._ids = itertools.count(1)
         self._request_ids = itertools.count(1)
@@ -402,9 +402,12 @@ class BrokerClient:
         try:
             message = protocol.decode(frames[1:])
             if message.command is Command.RESULT:
-                record = protocol.parse_record(message.body)
-                if record["status"] in _FINAL:
-                    self._deliver(record)
+                if not isinstance(message.body, list):
+                    raise ProtocolError("RESULT body must be a list of records")
+                for body in message.body:
+                    record = protocol.parse_record(body)
+                    if record["status"] in _FINAL:
+                        self._deliver(record)
             elif message.command is Command.SUBSCRIBED and frames[0] == self._prefix:
                 self._on_prefix_live()
         except ProtocolError as exc:

@@ -40,6 +40,10 @@ HEARTBEAT_EXPIRY_MS: Final = HEARTBEAT_INTERVAL_MS * HEARTBEAT_LIVENESS
 # Largest message a broker accepts by default (ZMQ_MAXMSGSIZE); announced in WELCOME.
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 
+# Task ids a client creates start with its 16-character session id; the broker publishes
+# results batched per such prefix, and each client subscribes to its own.
+CLIENT_PREFIX_CHARS: Final = 16
+
 # Task ids are LMDB keys (max 511 bytes, and index keys prefix 8 bytes to them).
 MAX_TASK_ID_CHARS: Final = 200
 MAX_TASK_ID_BYTES: Final = 200

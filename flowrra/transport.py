@@ -34,6 +34,29 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+# pyzmq's Cython socket methods, called directly: the Python "sugar" layer around them
+# (send_multipart, recv_multipart) cost about half of a small message's send+recv here.
+_raw_send = zmq.backend.Socket.send
+_raw_recv = zmq.backend.Socket.recv
+_raw_getsockopt = zmq.backend.Socket.get
+
+
+def send_frames(socket: zmq.Socket[bytes], frames: Frames, flags: int = 0) -> None:
+    """``socket.send_multipart(frames, flags)`` without the per-frame Python overhead."""
+    last = len(frames) - 1
+    more = flags | _SNDMORE
+    for i, frame in enumerate(frames):
+        _raw_send(socket, frame, more if i < last else flags)
+
+
+def recv_frames(socket: zmq.Socket[bytes], flags: int = 0) -> Frames:
+    """``socket.recv_multipart(flags)`` without the per-frame Python overhead."""
+    frames: Frames = [_raw_recv(socket, flags)]
+    while _raw_getsockopt(socket, _RCVMORE):
+        frames.append(_raw_recv(socket, flags))
+    return frames
+
 
 # Socket high-water marks. Peers bound what they put in flight with credit, so these only
 # absorb bursts; the client's SUB side is unbounded so results are never dropped in transit.
@@ -161,10 +184,10 @@ class _Watched:
 
     def drain(self, limit: int) -> list[Frames]:
         out: list[Frames] = []
-        recv = self.socket.recv_multipart
+        socket = self.socket
         try:
             while len(out) < limit:
-                out.append(recv(_NOBLOCK))
+                out.append(recv_frames(socket, _NOBLOCK))
         except zmq.Again:
             pass
         if len(out) >= limit:
@@ -203,7 +226,7 @@ class ZmqLink(_Watched):
         super().__init__(socket, wakeup)
 
     def send(self, frames: Frames) -> None:
-        self.socket.send_multipart(frames, copy=True)
+        send_frames(self.socket, frames)
         self.check()
 
 
@@ -381,8 +404,8 @@ class ZmqBrokerEndpoint:
     def _send_now(self, peer: bytes, frames: Frames) -> bool:
         socket = self._router.socket
         try:
-            socket.send(peer, _NOBLOCK | _SNDMORE)
-            socket.send_multipart(frames, _NOBLOCK)
+            _raw_send(socket, peer, _NOBLOCK | _SNDMORE)
+            send_frames(socket, frames, _NOBLOCK)
         except zmq.Again:
             self._backlog.setdefault(peer, deque()).append(frames)
             log.warning("peer %s is not reading; holding its messages", peer.hex())
@@ -407,7 +430,7 @@ class ZmqBrokerEndpoint:
                     break
 
     def publish(self, frames: Frames) -> None:
-        self._publisher.socket.send_multipart(frames)
+        send_frames(self._publisher.socket, frames)
         self._publisher.check()
 
     def close(self) -> None:

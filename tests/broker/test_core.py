@@ -304,7 +304,8 @@ def test_success_records_and_publishes(h: Harness) -> None:
     assert messages == []
     ((topic, message),) = publications
     assert topic == b"t1" and message.command is Command.RESULT
-    public = parse_record(message.body)
+    (body,) = message.body
+    public = parse_record(body)
     assert public == record.public()
     assert public["status"] == "success"
     node = h.broker.nodes.get(NODE_A)
@@ -446,7 +447,7 @@ def test_retries_back_off_exponentially_then_fail(h: Harness) -> None:
     assert record.retry_at is None and record.result is None
     _, publications = h.take()
     ((topic, message),) = publications
-    assert topic == b"t1" and parse_record(message.body)["status"] == "failed"
+    assert topic == b"t1" and [parse_record(b)["status"] for b in message.body] == ["failed"]
     assert h.broker.counters["failed"] == 1
 
 
@@ -573,7 +574,7 @@ def test_worker_losses_reaching_the_limit_fail_the_task() -> None:
     assert record.error is not None and record.error.startswith("WorkerLostError: ")
     assert len(h.broker.queues) == 0 and "t1" not in h.broker.leases
     _, publications = h.take()
-    assert [parse_record(m.body)["status"] for _, m in publications] == ["failed"]
+    assert [parse_record(b)["status"] for _, m in publications for b in m.body] == ["failed"]
 
 
 def test_reconnecting_node_keeps_what_it_still_runs(h: Harness) -> None:
@@ -608,7 +609,7 @@ def test_subscription_to_a_finished_task_replays_its_result(h: Harness) -> None:
     assert messages == []
     ((topic, message),) = publications
     assert topic == b"t1" and message.command is Command.RESULT
-    assert parse_record(message.body) == h.record("t1").public()
+    assert [parse_record(b) for b in message.body] == [h.record("t1").public()]
 
 
 def test_subscription_to_an_unknown_task_says_subscribed(h: Harness) -> None:
@@ -936,3 +937,20 @@ def test_invalid_items_are_refused_one_by_one(h: Harness) -> None:
     assert acks["good"] is None and acks["bad"] is not None
     assert h.broker.load("bad") is None
     assert len(h.broker.queues) == 1
+
+
+def test_results_are_batched_per_client_prefix_and_sent_to_watchers(h: Harness) -> None:
+    prefix = "a" * 16
+    ids_ = [f"{prefix}{i:016x}" for i in range(3)]
+    h.submit(*(submission(task_id) for task_id in ids_))
+    h.ready(NODE_A, async_slots=3)
+    h.tick()
+    h.take()
+    h.broker.handle_subscription(ids_[2].encode())  # someone else watches the third task
+    h.take()
+    for task_id in ids_:
+        h.result(NODE_A, task_id, 1, task_id)
+    _, publications = h.take()
+    by_topic = {topic: [parse_record(b)["task_id"] for b in m.body] for topic, m in publications}
+    # One message for the submitter's prefix with all three, one for the watcher.
+    assert by_topic == {prefix.encode(): ids_, ids_[2].encode(): [ids_[2]]}

@@ -1,0 +1,298 @@
+"""``flowrra status / inspect / tasks / purge / dead`` against a real broker and nodes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from flowrra.exitcodes import ExitCode
+from flowrra.protocol import TaskStatus
+from tests.cli import cliapp
+from tests.cli.conftest import UNSERVED, Client, Fleet, invoke, ok, ok_json
+from tests.conftest import BIN, Launcher, free_port, subprocess_env
+
+FLOWRRA_EXE = str(BIN / "flowrra")
+CLEAR = "\033[2J\033[1;1H"
+
+
+def _row(output: str, *cells: object) -> bool:
+    """True when a line of ``output`` holds exactly ``cells``, separated by blanks."""
+    pattern = r"^" + r"\s+".join(re.escape(str(c)) for c in cells) + r"$"
+    return re.search(pattern, output, re.MULTILINE) is not None
+
+
+def _is_iso(text: str) -> bool:
+    return dt.datetime.fromisoformat(text).tzinfo is not None
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_shows_nodes_and_queue_depths(fleet: Fleet) -> None:
+    client = fleet.client
+    done = client.submit(cliapp.add, 1, 2)
+    assert client.wait(done).success
+    for priority in (9, 9, 3):
+        client.submit(UNSERVED, priority=priority)
+    try:
+        out = ok(fleet.url, "status")
+        assert _row(out, "queued", 3)
+        assert _row(out, "in flight", 0)
+        assert _row(out, "PRIORITY", "QUEUED")
+        assert _row(out, 9, 2) and _row(out, 3, 1)
+        assert _row(out, UNSERVED, 3)
+        assert re.search(
+            r"^NODE\s+HOST\s+PID\s+ASYNC\s+CPU\s+DONE\s+FAILED\s+HEARTBEAT$", out, re.M
+        )
+        for node in fleet.nodes:
+            assert re.search(rf"^{node.node_id}\s+\S+\s+{node.pid}\s+0/4\s+0/0\s+\d+", out, re.M)
+        assert re.search(r"^tasks/s \(1 min\)\s+\d+\.\d{3}$", out, re.M)
+
+        reply = ok_json(fleet.url, "status")
+        assert reply["queued"] == 3
+        assert reply["queued_by_priority"] == {"9": 2, "3": 1}
+        assert reply["queued_by_name"] == {UNSERVED: 3}
+        by_id = {n["node_id"]: n for n in reply["nodes"]}
+        assert set(by_id) == {n.node_id for n in fleet.nodes}
+        assert sum(n["tasks_done"] for n in by_id.values()) >= 1
+        assert all(n["async_total"] == 4 and n["pid"] for n in by_id.values())
+    finally:
+        assert ok(fleet.url, "purge", "--yes") == "dropped 3 queued tasks\n"
+
+
+def test_status_json_from_the_executable_with_env_broker(fleet: Fleet) -> None:
+    result = subprocess.run(
+        [FLOWRRA_EXE, "status", "--json"],
+        env=subprocess_env(FLOWRRA_BROKER=fleet.url),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert {n["node_id"] for n in reply["nodes"]} == {n.node_id for n in fleet.nodes}
+
+
+def test_status_watch_redraws_until_ctrl_c(fleet: Fleet) -> None:
+    """On a terminal (a pty here) every frame clears the screen and redraws."""
+    primary, secondary = os.openpty()
+    proc = subprocess.Popen(
+        [FLOWRRA_EXE, "--broker", fleet.url, "status", "--watch", "--interval", "0.1"],
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    os.close(secondary)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 15
+        while seen.count(CLEAR.encode()) < 3:  # two complete frames between three clears
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            ready, _, _ = select.select([primary], [], [], 0.5)
+            if ready:
+                seen += os.read(primary, 65536)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == ExitCode.OK, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(primary)
+        if proc.stderr:
+            proc.stderr.close()
+    frames = seen.decode().replace("\r\n", "\n").split(CLEAR)[1:3]
+    for frame in frames:
+        assert frame.startswith(f"every 0.1s: flowrra status {fleet.url}")
+        assert re.search(r"^queued\s+\d+$", frame, re.M)
+        for node in fleet.nodes:
+            assert node.node_id in frame
+
+
+def test_status_watch_json_prints_one_document_per_interval(fleet: Fleet) -> None:
+    proc = subprocess.Popen(
+        [FLOWRRA_EXE, "--broker", fleet.url, "status", "--watch", "--interval", "0.05", "--json"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        documents = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == ExitCode.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert all(len(d["nodes"]) == 2 for d in documents)
+
+
+def test_unreachable_broker_exits_unavailable_within_the_timeout() -> None:
+    url = f"tcp://127.0.0.1:{free_port()}"
+    for args in (["status"], ["inspect", "x"], ["tasks"], ["dead", "list"], ["purge", "--yes"]):
+        started = time.monotonic()
+        result = invoke(url, *args, timeout=0.3)
+        assert result.exit_code == ExitCode.UNAVAILABLE, result.output
+        assert "error: no answer from the broker within 0.3s" in result.stderr
+        assert time.monotonic() - started < 3.0
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_shows_arguments_attempts_and_error(fleet: Fleet) -> None:
+    client = fleet.client
+    task_id = client.submit(cliapp.fail, "boom", code=7)
+    final = client.wait(task_id)
+    assert final.status is TaskStatus.FAILED and final.retries == 2
+
+    out = ok(fleet.url, "inspect", task_id)
+    assert _row(out, "task id", task_id)
+    assert _row(out, "name", "cli.fail")
+    assert _row(out, "status", "failed")
+    assert _row(out, "args", "['boom']")
+    assert _row(out, "kwargs", "{'code': 7}")
+    assert _row(out, "retries", "2", "of", "2", "(delay", "0.01s)")
+    assert _row(out, "error", "ValueError:", "boom", "(7)")
+    node_ids = "|".join(n.node_id for n in fleet.nodes)
+    attempts = re.findall(
+        rf"^(\d)\s+(?:{node_ids})\s+(\S+)\s+(\S+)\s+\d+\.\d+s\s+failed\s+ValueError: boom \(7\)$",
+        out,
+        re.M,
+    )
+    assert [a[0] for a in attempts] == ["1", "2", "3"]
+    assert all(_is_iso(a[1]) and _is_iso(a[2]) for a in attempts)
+    assert "traceback:" in out and "raise ValueError" in out
+
+    record = ok_json(fleet.url, "inspect", task_id)
+    assert record["args"] == ["boom"] and record["kwargs"] == {"code": 7}
+    assert record["status"] == "failed" and record["error"] == "ValueError: boom (7)"
+    assert "raise ValueError" in record["traceback"]
+    assert [a["attempt"] for a in record["history"]] == [1, 2, 3]
+    assert {a["outcome"] for a in record["history"]} == {"failed"}
+    assert all(a["run_s"] >= 0 and _is_iso(a["started_at"]) for a in record["history"])
+    assert _is_iso(record["submitted_at"]) and _is_iso(record["finished_at"])
+    assert bytes.fromhex(record["payload"])  # raw arguments as hex
+
+
+def test_inspect_shows_the_result_of_a_success(fleet: Fleet) -> None:
+    client = fleet.client
+    task_id = client.submit(cliapp.add, 2, 3, label="five")
+    assert client.wait(task_id).success
+    out = ok(fleet.url, "inspect", task_id)
+    assert _row(out, "result", "{'sum':", "5,", "'label':", "'five'}")
+    assert _row(out, "args", "[2,", "3]") and _row(out, "kwargs", "{'label':", "'five'}")
+    assert re.search(r"^1\s+cli-node-[ab]\s+\S+\s+\S+\s+\S+\s+success\s+-$", out, re.M)
+    record = ok_json(fleet.url, "inspect", task_id)
+    assert record["result"] == {"sum": 5, "label": "five"}
+    assert len(record["history"]) == 1 and record["history"][0]["outcome"] == "success"
+
+
+def test_inspect_unknown_task(fleet: Fleet) -> None:
+    result = invoke(fleet.url, "inspect", "no-such-task")
+    assert result.exit_code == ExitCode.FAILURE
+    assert result.stderr == "unknown task id no-such-task\n"
+    assert result.stdout == ""
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def test_tasks_lists_names_and_nodes(fleet: Fleet) -> None:
+    out = ok(fleet.url, "tasks")
+    nodes = ", ".join(sorted(n.node_id for n in fleet.nodes))
+    assert _row(out, "TASK", "NODES")
+    for name in sorted(cliapp.app.tasks):
+        assert _row(out, name, nodes)
+    served = ok_json(fleet.url, "tasks")
+    assert served == {name: sorted(n.node_id for n in fleet.nodes) for name in cliapp.app.tasks}
+
+
+def test_tasks_without_nodes(launcher: Launcher) -> None:
+    broker = launcher.broker()
+    assert ok(broker.url, "tasks") == "no connected node serves any task\n"
+    assert ok_json(broker.url, "tasks") == {}
+
+
+# --------------------------------------------------------------------------- purge
+
+
+def test_purge_asks_then_drops_exactly_the_queued_tasks(launcher: Launcher) -> None:
+    broker = launcher.broker()  # no node: everything submitted stays queued
+    client = Client(broker.url)
+    ids = client.run(lambda app: app.submit_many(UNSERVED, [()] * 3, priority=2)) + client.run(
+        lambda app: app.submit_many(UNSERVED, [()] * 2, priority=0)
+    )
+
+    declined = invoke(broker.url, "purge", input="n\n")
+    assert declined.exit_code == ExitCode.FAILURE
+    assert "drop 5 queued tasks" in declined.stdout and "nothing purged" in declined.stderr
+    assert client.status()["queued"] == 5
+
+    assert ok(broker.url, "purge", "--priority", "2", "--yes") == (
+        "dropped 3 queued tasks of priority 2\n"
+    )
+    assert client.status()["queued_by_priority"] == {"0": 2}
+
+    accepted = ok(broker.url, "purge", input="y\n")
+    assert "drop 2 queued tasks" in accepted and accepted.endswith("dropped 2 queued tasks\n")
+    assert client.status()["queued"] == 0
+    assert all(client.get(task_id) is None for task_id in ids)
+
+    assert ok(broker.url, "purge") == "no queued tasks: nothing to purge\n"
+    assert ok(broker.url, "purge", "--yes") == "dropped 0 queued tasks\n"
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+def test_dead_list_and_retry(fleet: Fleet, tmp_path: Path) -> None:
+    client = fleet.client
+    failed = client.submit(cliapp.fail, "dead", code=1)
+    marker = tmp_path / "flaky-marker"
+    flaky = client.submit(cliapp.flaky, str(marker))
+    assert client.wait(failed).status is TaskStatus.FAILED
+    first = client.wait(flaky)
+    assert first.status is TaskStatus.FAILED and first.error == "RuntimeError: first call fails"
+
+    out = ok(fleet.url, "dead", "list")
+    assert re.search(r"^TASK ID\s+NAME\s+RETRIES\s+FAILED AT\s+ERROR$", out, re.M)
+    assert re.search(rf"^{failed}\s+cli\.fail\s+2\s+\S+\s+ValueError: dead \(1\)$", out, re.M)
+    assert re.search(
+        rf"^{flaky}\s+cli\.flaky\s+0\s+\S+\s+RuntimeError: first call fails$", out, re.M
+    )
+    listed = {r["task_id"]: r for r in ok_json(fleet.url, "dead", "list")}
+    assert listed[failed]["error"] == "ValueError: dead (1)"
+    assert _is_iso(listed[failed]["finished_at"])
+    # Newest first: the limit keeps the most recent failures.
+    newest = ok_json(fleet.url, "dead", "list", "--limit", "1")
+    assert len(newest) == 1
+
+    assert ok(fleet.url, "dead", "retry", flaky) == f"task {flaky} queued again\n"
+    again = client.wait(flaky)
+    assert again.success and again.result == "recovered"
+    assert flaky not in {r["task_id"] for r in ok_json(fleet.url, "dead", "list")}
+    history = ok_json(fleet.url, "inspect", flaky)["history"]
+    assert [h["outcome"] for h in history] == ["failed", "success"]
+
+    refused = invoke(fleet.url, "dead", "retry", flaky)
+    assert refused.exit_code == ExitCode.FAILURE
+    assert refused.stderr == f"error: task {flaky} is not in the dead-letter list\n"
+
+
+def test_ping(fleet: Fleet) -> None:
+    assert ok(fleet.url, "ping").startswith("broker ")
+    welcome = ok_json(fleet.url, "ping")
+    assert welcome["endpoint"] == fleet.url
+    assert welcome["publish"] == fleet.broker.publish_url
+    assert welcome["heartbeat_ms"] == 200

@@ -1,0 +1,74 @@
+"""``flowrra dashboard``: lazily imports :mod:`flowrra.dashboard` and runs its ``serve``."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flowrra
+from flowrra.cli import DASHBOARD_EXTRA_HINT
+from flowrra.exitcodes import ExitCode
+from tests.cli.conftest import invoke
+from tests.conftest import BIN, subprocess_env
+
+
+def test_dashboard_runs_serve_with_the_broker_host_and_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    async def serve(broker_url: str, host: str, port: int) -> None:
+        calls.append((broker_url, host, port))
+
+    fake = types.ModuleType("flowrra.dashboard")
+    fake.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flowrra.dashboard", fake)
+
+    result = invoke("tcp://127.0.0.1:7001", "dashboard", "--port", "8123")
+    assert result.exit_code == ExitCode.OK, result.output
+    result = invoke(
+        "tcp://127.0.0.1:7001", "dashboard", "--broker", "tcp://10.0.0.9:5555", "--host", "::1"
+    )
+    assert result.exit_code == ExitCode.OK, result.output
+    assert calls == [
+        ("tcp://127.0.0.1:7001", "127.0.0.1", 8123),
+        ("tcp://10.0.0.9:5555", "::1", 8080),
+    ]
+
+
+def test_dashboard_without_aiohttp_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A dashboard module that needs aiohttp, found before any real one; aiohttp is blocked.
+    (tmp_path / "dashboard.py").write_text(
+        "import aiohttp\n\nasync def serve(broker_url, host, port):\n    pass\n"
+    )
+    monkeypatch.setattr(flowrra, "__path__", [str(tmp_path), *flowrra.__path__])
+    monkeypatch.delitem(sys.modules, "flowrra.dashboard", raising=False)
+    monkeypatch.setitem(sys.modules, "aiohttp", None)
+    result = invoke("tcp://127.0.0.1:7001", "dashboard")
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert result.stderr == f"error: {DASHBOARD_EXTRA_HINT}\n"
+    assert "pip install 'flowrra-fabric[dashboard]'" in DASHBOARD_EXTRA_HINT
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flowrra.dashboard") is None, reason="flowrra/dashboard.py not there"
+)
+def test_the_real_dashboard_without_aiohttp(tmp_path: Path) -> None:
+    (tmp_path / "aiohttp.py").write_text("raise ImportError('aiohttp shadowed by the test')\n")
+    result = subprocess.run(
+        [str(BIN / "flowrra"), "dashboard", "--port", "1"],
+        env=subprocess_env([tmp_path]),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert result.stderr == f"error: {DASHBOARD_EXTRA_HINT}\n"
