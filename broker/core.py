@@ -640,7 +640,7 @@ class Broker:
         self.counters["retried"] += 1
         for observer in self.observers:
             observer.retried(record.name)
-        log.info(
+        log.warning(
             "task %s (%s) failed with %s; retry %d of %d in %.1fs",
             record.task_id,
             record.name,

@@ -81,6 +81,7 @@ QUICK_SIZES = {
     "w4_tasks": 200,
 }
 WARMUP_TASKS = 200
+PROFILED_STEPS = ("w1_many", "w2")  # with --profile
 WARMUP_ROUNDS = 20
 
 
@@ -639,14 +640,30 @@ async def w2_latency(app: Any, rounds: int) -> dict[str, Any]:
     import bench_app
 
     rtts = []
+    # Where a round trip goes, from the record's timestamps (wall clock, one machine):
+    # submit until acknowledged; submitted_at -> started_at (broker store + dispatch to the
+    # node); started_at -> finished_at (the call); finished_at -> the client has the result.
+    parts: dict[str, list[float]] = {"ack": [], "to_start": [], "run": [], "to_client": []}
     for i in range(rounds):
         t = time.perf_counter()
         task_id = await app.submit(bench_app.add, i, 1)
+        acked = time.perf_counter()
         result = await app.wait_for_result(task_id)
+        received = time.time()
         rtts.append(time.perf_counter() - t)
         if not result.success or result.result != i + 1:
             raise StepError(f"wrong result {result!r}")
-    return latency_summary(rtts)
+        parts["ack"].append(acked - t)
+        if result.submitted_at and result.started_at and result.finished_at:
+            started, finished = result.started_at.timestamp(), result.finished_at.timestamp()
+            parts["to_start"].append(started - result.submitted_at.timestamp())
+            parts["run"].append(finished - started)
+            parts["to_client"].append(received - finished)
+    summary: dict[str, Any] = latency_summary(rtts)
+    summary["breakdown_p50_ms"] = {
+        name: percentile(values, 50) * 1000 for name, values in parts.items() if values
+    }
+    return summary
 
 
 async def w3_cpu(app: Any, tasks: int, n: int) -> dict[str, Any]:
@@ -657,7 +674,17 @@ async def w3_cpu(app: Any, tasks: int, n: int) -> dict[str, Any]:
     results = await _wait_all(app, ids)
     elapsed = time.perf_counter() - started
     _check_sums(results, [n * (n - 1) // 2] * tasks)
-    return {"tasks": tasks, "seconds": elapsed, "tasks_per_s": tasks / elapsed}
+    runs = [
+        (r.finished_at - r.started_at).total_seconds()
+        for r in results
+        if r.started_at and r.finished_at
+    ]
+    out: dict[str, Any] = {"tasks": tasks, "seconds": elapsed, "tasks_per_s": tasks / elapsed}
+    if runs:
+        # How busy the node's 2 worker processes were: time inside calls / (2 x elapsed).
+        out["run_ms_p50"] = percentile(runs, 50) * 1000
+        out["worker_utilization"] = sum(runs) / (2 * elapsed)
+    return out
 
 
 async def warm_up(app: Any, with_cpu: bool) -> None:
@@ -770,10 +797,11 @@ class Remote:
         self.commands: list[list[str]] = []
 
     def start(self) -> None:
+        """Start both at once (the node's DEALER reconnects until the broker is up)."""
         for attempt in range(3):  # a "free" port can be taken between probe and bind
             bind_port, publish_port = free_ports(2)
             self.url = f"tcp://{HOST}:{bind_port}"
-            argv = [
+            broker_argv = [
                 *console_script("flowrra-broker", "broker.cli"),
                 "--bind",
                 self.url,
@@ -784,33 +812,35 @@ class Remote:
                 "--durability",
                 self.durability,
             ]
-            broker = self.children.start(f"broker-{self.durability}", argv, env=python_env(None))
-            if broker.err.wait_for("broker listening on", 20) is not None:
-                self.broker = broker
-                self.commands.append(argv)
-                break
-            failure = broker.describe_failure()
-            self.children.stop(broker)
-            if attempt == 2:
-                raise StepError(f"broker did not start: {failure}")
-        argv = [
-            *console_script("flowrra-node", "node.cli"),
-            "--app",
-            "bench_app:app",
-            "--broker",
-            self.url,
-            "--concurrency",
-            "100",
-            "--processes",
-            "2",
-        ]
-        node = self.children.start(
-            f"node-{self.durability}", argv, env=python_env(SCRIPTS), cwd=SCRIPTS
-        )
-        self.node = node
-        self.commands.append(argv)
-        if node.err.wait_for("registered with broker", 30) is None:
-            raise StepError(f"node did not register: {node.describe_failure()}")
+            node_argv = [
+                *console_script("flowrra-node", "node.cli"),
+                "--app",
+                "bench_app:app",
+                "--broker",
+                self.url,
+                "--concurrency",
+                "100",
+                "--processes",
+                "2",
+            ]
+            broker = self.children.start(
+                f"broker-{self.durability}", broker_argv, env=python_env(None)
+            )
+            node = self.children.start(
+                f"node-{self.durability}", node_argv, env=python_env(SCRIPTS), cwd=SCRIPTS
+            )
+            if broker.err.wait_for("broker listening on", 20) is None:
+                failure = broker.describe_failure()
+                self.children.stop(node)
+                self.children.stop(broker)
+                if attempt == 2:
+                    raise StepError(f"broker did not start: {failure}")
+                continue
+            self.broker, self.node = broker, node
+            self.commands = [broker_argv, node_argv]
+            if node.err.wait_for("registered with broker", 30) is None:
+                raise StepError(f"node did not register: {node.describe_failure()}")
+            return
 
     def check_alive(self) -> None:
         for child in (self.broker, self.node):
@@ -925,9 +955,9 @@ async def run_mode(
             for name, make in steps:
                 progress(f"{mode}: {name} ...")
                 cpu_before = _cpu_sample(remote)
-                if name == "w1_many" and remote is not None:
+                if name in PROFILED_STEPS and remote is not None:
                     assert remote.broker is not None and remote.node is not None
-                    profiler.start(mode, {"broker": remote.broker, "node": remote.node})
+                    profiler.start(f"{mode}-{name}", {"broker": remote.broker, "node": remote.node})
                 try:
                     result = await asyncio.wait_for(make(), timeout)
                 except (StepError, TimeoutError, Exception) as exc:
@@ -938,9 +968,11 @@ async def run_mode(
                     progress(f"{mode}: {name} FAILED: {exc}")
                     continue
                 finally:
-                    if name == "w1_many" and profiler.running:
-                        out["profiles"] = profiler.stop()
-                cpu = _cpu_delta(cpu_before, _cpu_sample(remote), result.get("tasks"))
+                    if profiler.running:
+                        out.setdefault("profiles", {})[name] = profiler.stop()
+                cpu = _cpu_delta(
+                    cpu_before, _cpu_sample(remote), result.get("tasks") or result.get("count")
+                )
                 if cpu:
                     result["cpu_us_per_task"] = cpu
                 out[name] = result
@@ -1382,6 +1414,22 @@ def render(report: dict[str, Any]) -> str:
         out.append("CPU µs per task (client = the bench process, embedded: everything):")
         out.extend(cpu_rows)
     for mode, m in report["modes"].items():
+        parts = _get(m, "w2", "breakdown_p50_ms")
+        if parts:
+            out.append(
+                f"W2 {mode} p50 breakdown (ms): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                + " (ack: submit until acknowledged; to_start: submitted -> running on the "
+                "node; run: the call; to_client: finished -> result in the client)"
+            )
+    for mode, m in report["modes"].items():
+        w3 = m.get("w3") or {}
+        if "worker_utilization" in w3:
+            out.append(
+                f"W3 {mode}: one call takes p50 {w3['run_ms_p50']:.2f} ms on the node; the 2 "
+                f"worker processes were busy {100 * w3['worker_utilization']:.0f}% of the time"
+            )
+    for mode, m in report["modes"].items():
         for step, error in (m.get("errors") or {}).items():
             out.append(f"ERROR {mode} {step}: {error}")
     if report.get("upstream", {}).get("error"):
@@ -1396,13 +1444,14 @@ def render(report: dict[str, Any]) -> str:
                 f"{t['unit']} — {t['note']}"
             )
     for mode, m in report["modes"].items():
-        for name, path in (m.get("profiles") or {}).items():
-            if not os.path.exists(path):
-                continue
-            out.append("")
-            out.append(f"py-spy {mode} {name} during W1 submit_many ({path}): self% total%")
-            for fn, self_pct, total_pct in summarize_profile(path):
-                out.append(f"  {self_pct:5.1f} {total_pct:5.1f}  {fn}")
+        for step, files in (m.get("profiles") or {}).items():
+            for name, path in files.items():
+                if not os.path.exists(path):
+                    continue
+                out.append("")
+                out.append(f"py-spy {mode} {name} during {step} ({path}): self% total%")
+                for fn, self_pct, total_pct in summarize_profile(path):
+                    out.append(f"  {self_pct:5.1f} {total_pct:5.1f}  {fn}")
     return "\n".join(out)
 
 
@@ -1441,7 +1490,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--profile",
         metavar="DIR",
         type=Path,
-        help="py-spy record the broker and node during W1 submit_many into DIR "
+        help="py-spy record the broker and node during W1 submit_many and W2 into DIR "
         "(perturbs that mode's figures)",
     )
     parser.add_argument(
@@ -1504,7 +1553,7 @@ def main(argv: list[str]) -> int:
         report["machine"] = machine_info()
         progress("machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()))
         if any(m != "embedded" for m in args.modes):
-            report["fsync"] = probe_fsync(20 if args.quick else 100)
+            report["fsync"] = probe_fsync(10 if args.quick else 100)
             progress(
                 f"fsync probe: durable LMDB commit p50 {report['fsync']['p50_ms']:.3f} ms, "
                 f"p99 {report['fsync']['p99_ms']:.3f} ms in {report['fsync']['dir']}"
