@@ -127,6 +127,8 @@ class MemoryStore:
 
 
 _MISSING: Any = object()
+# LMDB's default maximum key size.
+MAX_KEY_BYTES = 511
 
 # The map is address space, not disk: start large and double when full.
 _INITIAL_MAP_SIZE = 1 << 30
@@ -176,6 +178,8 @@ class LmdbStore:
         pending = self._pending.get((table, key), _MISSING)
         if pending is not _MISSING:
             return pending  # type: ignore[no-any-return]
+        if not 0 < len(key) <= MAX_KEY_BYTES:
+            return None  # LMDB could not hold such a key, so it holds no value for it
         return self._read_txn().get(key, db=self._dbs[table])  # type: ignore[no-any-return]
 
     def put(self, table: Table, key: bytes, value: bytes) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import importlib
 import logging
 import multiprocessing
@@ -100,8 +101,27 @@ def _run_one(request: Any, cache: dict[tuple[str, str], Callable[..., Any]]) -> 
         return [False, [type(exc).__qualname__, _text(exc), _text(traceback.format_exc())]]
 
 
-def _worker_main(conn: Connection[Any, Any]) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """On Linux, have the kernel SIGKILL this worker when its node dies, even mid-call (a
+    closed pipe is only noticed between calls)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_main(conn: Connection[Any, Any], parent_pid: int | None = None) -> None:
     """Entry point of a worker process: serve calls until told to stop or the pipe closes."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     # The parent owns Ctrl-C: it shuts workers down itself, so a terminal's SIGINT to the whole
     # process group must not kill calls in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -287,7 +307,10 @@ class ProcessPool:
             # daemon=True: if the node exits without close(), multiprocessing terminates the
             # workers instead of joining them forever.
             process = self._ctx.Process(  # type: ignore[attr-defined]
-                target=_worker_main, args=(child_conn,), name="flowrra-cpu-worker", daemon=True
+                target=_worker_main,
+                args=(child_conn, os.getpid()),
+                name="flowrra-cpu-worker",
+                daemon=True,
             )
             process.start()
         except BaseException:
