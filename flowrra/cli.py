@@ -610,7 +610,7 @@ def dashboard(obj: dict[str, Any], broker_url: str | None, host: str, port: int)
         click.echo(f"error: {DASHBOARD_EXTRA_HINT}", err=True)
         sys.exit(ExitCode.CONFIG)
     try:
-        asyncio.run(serve(broker_url or obj["broker"], host, port))
+        asyncio.run(serve(broker_url or obj["broker"], host, port, keys=obj.get("keys")))
     except KeyboardInterrupt:
         pass
     except BrokerUnavailable as exc:

@@ -5,12 +5,17 @@ queues, in-flight work, retry timers, a throughput chart, recent failures and a 
 It is fed by server-sent events: the server asks the broker for ``status`` once per poll
 interval over one shared :class:`~flowrra.client.BrokerClient`, keeps a few minutes of
 throughput history (from the broker's finished-task counters) and pushes one ``status`` event
-to every open page. JSON endpoints give the same data to scripts:
+to every open page; the recent failures (``dead_list``, a scan on the broker) are fetched only
+when the status shows they changed, at most every few seconds, and pushed as a ``failures``
+event. JSON endpoints give the same data to scripts:
 
 * ``GET /api/status`` — the broker's ``status`` reply plus the throughput history;
 * ``GET /api/task/{task_id}`` — one task's record with decoded arguments and result;
 * ``GET /api/dead?limit=N`` — recent FAILED tasks with their errors;
 * ``GET /events`` — the server-sent event stream the page listens to.
+
+A broker that does not answer within the request timeout is shown as unavailable; the client
+is then dropped and the next poll connects afresh, so the page recovers by itself.
 
 Everything the page shows is inserted as text (``textContent``), never as markup, and a strict
 Content-Security-Policy forbids inline scripts, so task errors and arguments (user data)
@@ -30,7 +35,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import zmq
 from aiohttp import web
@@ -40,6 +45,9 @@ from flowrra.client import BrokerClient
 from flowrra.errors import AdminError, BrokerUnavailable, FlowrraError, ProtocolError
 from flowrra.logs import configure_logging
 from flowrra.transport import ZmqConnector
+
+if TYPE_CHECKING:
+    from flowrra.security import ClientKeys
 
 log = logging.getLogger("flowrra.dashboard")
 
@@ -70,8 +78,10 @@ class Dashboard:
         poll_interval_s: float = POLL_INTERVAL_S,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         history_s: float = HISTORY_S,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.broker_url = broker_url
+        self.keys = keys
         self.poll_interval_s = poll_interval_s
         self.request_timeout_s = request_timeout_s
         self.history: deque[tuple[float, float | None]] = deque(
@@ -120,7 +130,7 @@ class Dashboard:
         async with self._connect_lock:
             if self._client is None:
                 client = BrokerClient(
-                    ZmqConnector(self.broker_url),
+                    ZmqConnector(self.broker_url, keys=self.keys),
                     connect_timeout_s=self.request_timeout_s,
                     request_timeout_s=self.request_timeout_s,
                 )
@@ -513,15 +523,19 @@ async def serve(
     *,
     poll_interval_s: float = POLL_INTERVAL_S,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
+    keys: ClientKeys | None = None,
 ) -> None:
     """Serve the dashboard for the broker at ``broker_url`` until SIGINT or SIGTERM.
 
     A broker that is down (or not up yet) is not an error: the page says so and recovers when
-    the broker answers again. Port 0 picks a free port (the log line names it).
+    the broker answers again. Port 0 picks a free port (the log line names it). ``keys`` are
+    the CURVE client keys for a broker that requires them (``flowrra --curve-...``).
     """
     if not logging.getLogger().handlers:
         configure_logging()
-    app = make_app(broker_url, poll_interval_s=poll_interval_s, request_timeout_s=request_timeout_s)
+    app = make_app(
+        broker_url, poll_interval_s=poll_interval_s, request_timeout_s=request_timeout_s, keys=keys
+    )
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     loop = asyncio.get_running_loop()
@@ -845,7 +859,7 @@ SCRIPT_JS: Final = r"""
         el("td", null, slots(n.async_used, n.async_total)),
         el("td", null, slots(n.cpu_used, n.cpu_total)),
         el("td", { class: "num ok" }, fmtInt(n.tasks_done)),
-        el("td", { class: "num bad" }, fmtInt(n.tasks_failed)),
+        el("td", { class: n.tasks_failed ? "num bad" : "num" }, fmtInt(n.tasks_failed)),
         el("td", { class: ageClass }, typeof age === "number" ? age.toFixed(1) + " s" : DASH),
         el("td", { class: "num", title: names.join("\n") }, fmtInt(names.length)));
     });
