@@ -114,12 +114,13 @@ def dead_list(broker: Broker, args: dict[str, Any], now: float) -> list[dict[str
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise AdminError("limit must be a positive integer")
     records = []
-    for key, _ in broker.store.scan(Table.DEAD):
-        record = broker.load(key.decode())
+    for key, _ in broker.store.scan(Table.DEAD):  # newest first: stop after ``limit``
+        record = broker.load(key[8:].decode())
         if record is not None and record.status is TaskStatus.FAILED:
             records.append(record.public())
-    records.sort(key=lambda r: r["finished_at"] or 0.0, reverse=True)
-    return records[:limit]
+            if len(records) >= limit:
+                break
+    return records
 
 
 def dead_retry(broker: Broker, args: dict[str, Any], now: float) -> str:

@@ -44,6 +44,14 @@ log = logging.getLogger("flowrra.broker")
 # Big-endian integers sort numerically as LMDB keys (queue orders, due and expiry times).
 _U64 = struct.Struct(">Q")
 _NEXT_ORDER_KEY = b"next_order"
+_U64_MAX = 2**64 - 1
+
+
+def dead_key(expires_ms: int, task_id: str) -> bytes:
+    """Dead-letter index key: newest first in key order (expiry is finish time + the TTL)."""
+    return _U64.pack(_U64_MAX - expires_ms) + task_id.encode()
+
+
 # The holder of a lease recovered from the store, until a node claims it.
 _ORPHAN = b""
 # Commands whose content does not depend on the store (kept when a commit fails).
@@ -410,15 +418,14 @@ class Broker:
 
     def requeue_failed(self, task_id: str, now: float) -> bool:
         """Queue a dead-lettered task again with fresh retries (``flowrra dead retry``)."""
-        if self.store.get(Table.DEAD, task_id.encode()) is None:
-            return False
         record = self.load(task_id)
-        if record is None or record.status is not TaskStatus.FAILED:
+        if record is None or record.status is not TaskStatus.FAILED or record.expires_at is None:
             return False
-        self.store.delete(Table.DEAD, task_id.encode())
-        if record.expires_at is not None:
-            expiry_key = _U64.pack(int(record.expires_at * 1000)) + task_id.encode()
-            self.store.delete(Table.EXPIRY, expiry_key)
+        expires_ms = int(record.expires_at * 1000)
+        if self.store.get(Table.DEAD, dead_key(expires_ms, task_id)) is None:
+            return False
+        self.store.delete(Table.DEAD, dead_key(expires_ms, task_id))
+        self.store.delete(Table.EXPIRY, _U64.pack(expires_ms) + task_id.encode())
         record.status = TaskStatus.PENDING
         record.retries = 0
         record.worker_losses = 0
@@ -672,9 +679,10 @@ class Broker:
             record.error = f"{error.exc_type}: {error.message}"
             record.traceback = error.traceback
             self.counters["failed"] += 1
-            self.store.put(Table.DEAD, record.task_id.encode(), b"")
             log.warning("task %s (%s) failed: %s", record.task_id, record.name, record.error)
         expires_ms = int((now + self.config.result_ttl_s) * 1000)
+        if error is not None:
+            self.store.put(Table.DEAD, dead_key(expires_ms, record.task_id), b"")
         record.expires_at = expires_ms / 1000
         self.save(record)
         self.store.put(Table.EXPIRY, _U64.pack(expires_ms) + record.task_id.encode(), b"")
@@ -709,8 +717,9 @@ class Broker:
         expired = 0
         for key, _ in self.store.scan(Table.EXPIRY, b"", stop):
             self.store.delete(Table.EXPIRY, key)
-            self.store.delete(Table.TASKS, key[_U64.size :])
-            self.store.delete(Table.DEAD, key[_U64.size :])
+            task_id = key[_U64.size :]
+            self.store.delete(Table.TASKS, task_id)
+            self.store.delete(Table.DEAD, _U64.pack(_U64_MAX - _U64.unpack(key[:8])[0]) + task_id)
             expired += 1
         if expired:
             log.info("expired %d results", expired)

@@ -27,7 +27,9 @@ class Table(enum.StrEnum):
     LEASES = "leases"  # task id -> attempt number of the attempt in flight
     TIMERS = "timers"  # due_ms (8 bytes, big-endian) + task id -> b""
     EXPIRY = "expiry"  # expire_at_ms (8 bytes, big-endian) + task id -> b""
-    DEAD = "dead"  # task id -> b"" for tasks that ended FAILED (the dead-letter list)
+    # Tasks that ended FAILED (the dead-letter list), newest first:
+    # (2**64 - 1 - expire_at_ms) (8 bytes, big-endian) + task id -> b""
+    DEAD = "dead"
     META = "meta"  # store-wide values (the next queue order)
 
 

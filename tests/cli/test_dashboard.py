@@ -23,8 +23,8 @@ def test_dashboard_runs_serve_with_the_broker_host_and_port(
 ) -> None:
     calls: list[tuple[Any, ...]] = []
 
-    async def serve(broker_url: str, host: str, port: int) -> None:
-        calls.append((broker_url, host, port))
+    async def serve(broker_url: str, host: str, port: int, keys: Any = None) -> None:
+        calls.append((broker_url, host, port, keys))
 
     fake = types.ModuleType("flowrra.dashboard")
     fake.serve = serve  # type: ignore[attr-defined]
@@ -37,8 +37,8 @@ def test_dashboard_runs_serve_with_the_broker_host_and_port(
     )
     assert result.exit_code == ExitCode.OK, result.output
     assert calls == [
-        ("tcp://127.0.0.1:7001", "127.0.0.1", 8123),
-        ("tcp://10.0.0.9:5555", "::1", 8080),
+        ("tcp://127.0.0.1:7001", "127.0.0.1", 8123, None),
+        ("tcp://10.0.0.9:5555", "::1", 8080, None),
     ]
 
 
