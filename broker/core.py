@@ -370,14 +370,15 @@ class Broker:
             self.watched.add(topic)  # its final result will be published on this topic too
 
     def publish_result(self, record: TaskRecord) -> None:
-        """Publish a final record to the submitter's id prefix (batched per client) and, if
-        someone subscribed to this very task id, on that topic as well."""
+        """Publish a record (final, or queued again) to the submitter's id prefix (batched per
+        client) and, if someone subscribed to this very task id, on that topic as well."""
         public = record.public()
         topic = record.task_id.encode()
         group = topic[: protocol.CLIENT_PREFIX_CHARS]
         self.outbox.results[group].append(public)
         if topic in self.watched:
-            self.watched.discard(topic)
+            if record.status.is_final:
+                self.watched.discard(topic)
             if topic != group:
                 self.outbox.results[topic].append(public)
 
@@ -434,6 +435,7 @@ class Broker:
         self._enqueue(record)  # sets queued_at, saved next
         self.save(record)
         self.counters["dead_retried"] += 1
+        self.publish_result(record)  # tells clients holding its old result that it is back
         log.info("dead-lettered task %s (%s) queued again", task_id, record.name)
         return True
 

@@ -213,9 +213,16 @@ class BrokerClient:
         self._admin[request_id] = future
         self._link.send(protocol.encode(Command.ADMIN, [request_id, verb, args]))
         try:
-            return await self._bounded(future, f"answer {verb!r}")
+            result = await self._bounded(future, f"answer {verb!r}")
         finally:
             self._admin.pop(request_id, None)
+        if verb == "dead_retry" and isinstance(result, str):
+            self._forget(result)  # it runs again: its old final result is no longer final
+        return result
+
+    def _forget(self, task_id: str) -> None:
+        self._results.pop(task_id, None)
+        self._unresolved.pop(task_id, None)
 
     async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any]:
         """The final record of ``task_id``, pushed by the broker when the task completes."""
@@ -408,6 +415,8 @@ class BrokerClient:
                     record = protocol.parse_record(body)
                     if record["status"] in _FINAL:
                         self._deliver(record)
+                    else:  # queued again (a dead letter retried): forget the old result
+                        self._forget(record["task_id"])
             elif message.command is Command.SUBSCRIBED and frames[0] == self._prefix:
                 self._on_prefix_live()
         except ProtocolError as exc:

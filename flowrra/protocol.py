@@ -217,13 +217,16 @@ def decode(frames: Sequence[bytes]) -> Message:
     A header with the right magic but another version raises :class:`VersionMismatch`, so the
     receiver can answer with a clear error instead of silence.
     """
-    if len(frames) not in (2, 3):
-        raise ProtocolError(f"expected 2 or 3 frames, got {len(frames)}")
-    header, command_frame = frames[0], frames[1]
+    if not frames:
+        raise ProtocolError("expected 2 or 3 frames, got 0")
+    header = frames[0]
     if header != HEADER:
         if len(header) == len(HEADER) and header[:4] == MAGIC:
-            raise VersionMismatch(header[4])
+            raise VersionMismatch(header[4])  # whatever the rest looks like
         raise ProtocolError("bad header frame (not a Flowrra peer)")
+    if len(frames) not in (2, 3):
+        raise ProtocolError(f"expected 2 or 3 frames, got {len(frames)}")
+    command_frame = frames[1]
     if len(command_frame) != 1:
         raise ProtocolError("command frame must be one byte")
     try:

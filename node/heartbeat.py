@@ -60,16 +60,17 @@ class HeartbeatThread(threading.Thread):
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         try:
-            next_beat = time.monotonic()
+            last_beat = 0.0
             while not self._stopped.is_set():
                 now = time.monotonic()
-                if now >= next_beat:
+                # Read the interval every pass: WELCOME may change it at any time.
+                if now - last_beat >= self.interval_s:
                     # Not connected: drop the beat, the main loop handles reconnection.
                     with contextlib.suppress(zmq.Again):
                         socket.send_multipart(self._message, zmq.NOBLOCK)
-                    next_beat = now + self.interval_s
-                timeout_ms = max(1, int((next_beat - time.monotonic()) * 1000))
-                if poller.poll(min(timeout_ms, 200)):
+                    last_beat = now
+                remaining_ms = (last_beat + self.interval_s - time.monotonic()) * 1000
+                if poller.poll(max(1, min(int(remaining_ms), 50))):
                     while True:
                         try:
                             socket.recv_multipart(zmq.NOBLOCK)

@@ -263,7 +263,7 @@ class Node:
             error = ErrorInfo("TaskTimeoutError", str(exc), None)
         except Exception as exc:
             error = ErrorInfo.from_exception(exc, traceback.format_exc())
-        limit = self._max_message_bytes - OUTCOME_HEADROOM
+        limit = self._max_message_bytes - min(OUTCOME_HEADROOM, self._max_message_bytes // 8)
         if value is not None and len(value) > limit:
             error = ErrorInfo(
                 "MessageTooLargeError",
