@@ -44,6 +44,15 @@ log = logging.getLogger("flowrra.broker")
 # Big-endian integers sort numerically as LMDB keys (queue orders, due and expiry times).
 _U64 = struct.Struct(">Q")
 _NEXT_ORDER_KEY = b"next_order"
+_FORMAT_KEY = b"format"
+# The layout of the store's tables and keys; bumped whenever any of them changes.
+STORE_FORMAT = 1
+
+
+class StoreFormatError(ValueError):
+    """The data directory was written by an incompatible version."""
+
+
 _U64_MAX = 2**64 - 1
 
 
@@ -227,6 +236,7 @@ class Broker:
         counts. Orphans nobody claims go back to their queue at their old position. Attempt
         numbers are durable, so a result from a superseded attempt is always fenced out.
         """
+        self._check_format()
         # Only the small index tables are read: task records stay on disk until dispatched.
         stored_order = self.store.get(Table.META, _NEXT_ORDER_KEY)
         if stored_order is not None:
@@ -254,6 +264,17 @@ class Broker:
         if queued or running or retrying:
             log.info(
                 "recovered %d queued, %d in flight and %d retrying tasks", queued, running, retrying
+            )
+
+    def _check_format(self) -> None:
+        """Refuse a store written in a layout this broker does not read (see operations.md)."""
+        stored = self.store.get(Table.META, _FORMAT_KEY)
+        if stored is None:
+            self.store.put(Table.META, _FORMAT_KEY, _U64.pack(STORE_FORMAT))
+        elif _U64.unpack(stored)[0] != STORE_FORMAT:
+            raise StoreFormatError(
+                f"the data directory holds store format {_U64.unpack(stored)[0]}; this broker "
+                f"reads format {STORE_FORMAT}: run the matching Flowrra version"
             )
 
     def abandon_tick(self, reason: str, now: float) -> None:
@@ -320,6 +341,10 @@ class Broker:
         except ProtocolError as exc:
             self.counters["malformed"] += 1
             log.warning("dropped a malformed %s from %s: %s", message.command.name, peer.hex(), exc)
+        except Exception:
+            # A last line of defence: one bad message must not end the broker.
+            self.counters["handler_errors"] += 1
+            log.exception("error handling %s from %s; dropped", message.command.name, peer.hex())
 
     def _dispatch_command(self, peer: bytes, message: protocol.Message, now: float) -> None:
         command, body = message.command, message.body

@@ -70,11 +70,15 @@ class Flowrra:
 
         Embedded options: ``data_dir`` (keep state in LMDB there instead of in memory),
         ``durability``, ``concurrency`` and ``processes`` (the in-process node's slots).
+        Client options: ``connect_timeout`` and ``request_timeout`` (seconds before
+        :class:`~flowrra.errors.BrokerUnavailable`), and ``curve_server_key`` with
+        ``curve_secret_key`` (key files) for a broker that requires CURVE.
         """
         return cls(broker, **options)
 
     @property
     def embedded(self) -> bool:
+        """True when no broker URL was given: the broker and a node run in this process."""
         return self.broker_url is None
 
     # ------------------------------------------------------------------ tasks
@@ -295,6 +299,11 @@ class Flowrra:
         client = self._connected()
         submissions = []
         for call in calls:
+            if isinstance(call, str | bytes | dict):
+                raise TypeError(
+                    f"each call of submit_many is a sequence of arguments (or an (args, kwargs) "
+                    f"pair), not {type(call).__qualname__}: write [(x,), ...] for one argument"
+                )
             if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
                 args, kwargs = call
             else:

@@ -109,7 +109,15 @@ class BrokerClient:
                 self.welcome.publish_endpoint, self._wakeup
             )
             self._subscriber.subscribe(self._prefix)
-            await asyncio.wait_for(self._live.wait(), self.connect_timeout_s)
+            try:
+                await asyncio.wait_for(self._live.wait(), self.connect_timeout_s)
+            except TimeoutError:
+                raise BrokerUnavailable(
+                    f"the broker answered, but its result endpoint "
+                    f"{self.welcome.publish_endpoint} did not confirm our subscription within "
+                    f"{self.connect_timeout_s}s (is it reachable from here? see the broker's "
+                    "--advertise-publish)"
+                ) from None
         except TimeoutError:
             await self.close()
             raise BrokerUnavailable(

@@ -98,6 +98,7 @@ class TaskStatus(enum.StrEnum):
 
     @property
     def is_final(self) -> bool:
+        """True for SUCCESS and FAILED: the status will not change any more."""
         return self in (TaskStatus.SUCCESS, TaskStatus.FAILED)
 
 

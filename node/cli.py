@@ -59,7 +59,13 @@ def _on_signal(node: Node, signum: int, grace_s: float) -> None:
 
 
 @click.command(context_settings={"auto_envvar_prefix": "FLOWRRA", "show_default": True})
-@click.option("--app", "app_spec", required=True, help="The app to serve, as 'module:attribute'.")
+@click.option(
+    "--app",
+    "app_spec",
+    required=True,
+    envvar="FLOWRRA_APP",
+    help="The app to serve, as 'module:attribute'.",
+)
 @click.option("--broker", default="tcp://127.0.0.1:5555", help="The broker's ROUTER endpoint.")
 @click.option("--concurrency", default=100, type=click.IntRange(min=1), help="Async slots.")
 @click.option(

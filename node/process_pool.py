@@ -125,6 +125,8 @@ def _worker_main(conn: Connection[Any, Any], parent_pid: int | None = None) -> N
     # The parent owns Ctrl-C: it shuts workers down itself, so a terminal's SIGINT to the whole
     # process group must not kill calls in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Likewise SIGTERM to the whole group (systemd's default stop): the node drains first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cache: dict[tuple[str, str], Callable[..., Any]] = {}
     try:
         conn.send_bytes(_pack(["ready", os.getpid()]))
