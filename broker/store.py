@@ -145,10 +145,12 @@ class LmdbStore:
         path: str | os.PathLike[str],
         durability: Durability = Durability.FULL,
         map_size: int = _INITIAL_MAP_SIZE,
+        max_map_size: int = _MAX_MAP_SIZE,
     ) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = os.fspath(path)
         self.durability = durability
+        self.max_map_size = max_map_size
         self._env = lmdb.open(
             self.path,
             map_size=map_size,
@@ -235,10 +237,10 @@ class LmdbStore:
 
     def _grow(self) -> None:
         size = self._env.info()["map_size"]
-        if size >= _MAX_MAP_SIZE:
+        if size >= self.max_map_size:
             raise StoreFullError(f"store at {self.path} reached its maximum size ({size} bytes)")
         log.info("growing the LMDB map from %d to %d bytes", size, size * 2)
-        self._env.set_mapsize(size * 2)
+        self._env.set_mapsize(min(size * 2, self.max_map_size))
 
     def sync(self) -> None:
         """Flush to disk (useful in fast mode before a planned shutdown)."""
