@@ -157,6 +157,7 @@ class Broker:
         self.outbox = Outbox()
         self.enforce_liveness = True
         self._next_order = 0
+        self._order_dirty = False
         self._next_sweep = 0.0
         self._next_housekeeping = 0.0
         self._orphans_until: float | None = None
@@ -178,8 +179,13 @@ class Broker:
 
     def _take_order(self) -> int:
         self._next_order += 1
-        self.store.put(Table.META, _NEXT_ORDER_KEY, _U64.pack(self._next_order))
+        self._order_dirty = True  # stored once per tick, in the tick's commit
         return self._next_order
+
+    def _store_order(self) -> None:
+        if self._order_dirty:
+            self._order_dirty = False
+            self.store.put(Table.META, _NEXT_ORDER_KEY, _U64.pack(self._next_order))
 
     def _enqueue(self, record: TaskRecord) -> None:
         """Queue a PENDING record at its ``order`` (durably, and in the in-memory heaps)."""
@@ -244,7 +250,10 @@ class Broker:
         queued = running = retrying = 0
         for key, entry in self.store.scan(Table.QUEUE):
             _task_id, name, priority = msgpack.unpackb(entry)
-            self.queues.push(name, priority, _U64.unpack(key)[0])
+            order = _U64.unpack(key)[0]
+            self.queues.push(name, priority, order)
+            # New orders must never reuse a queued one (the counter is stored once per tick).
+            self._next_order = max(self._next_order, order)
             queued += 1
         for key, value in self.store.scan(Table.LEASES):
             task_id = key.decode()
@@ -765,6 +774,7 @@ class Broker:
         if self.timers:
             self.fire_timers(now)
         self.dispatch(now)
+        self._store_order()
 
     def seconds_until_due(self, now: float) -> float:
         """How long the loop may sleep before :meth:`tick` has work to do."""

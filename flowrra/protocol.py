@@ -21,7 +21,7 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -270,8 +270,11 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     """A finite int or float (NaN and infinities never make sense on this wire)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
+    kind = type(value)
+    if kind is int:
+        return True
+    if kind is float or (isinstance(value, float) and not isinstance(value, bool)):
+        return math.isfinite(value)  # type: ignore[arg-type]
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -289,8 +292,7 @@ def _map_body(body: object, command: str) -> dict[str, Any]:
     return body  # type: ignore[return-value]
 
 
-@dataclass(frozen=True, slots=True)
-class Submission:
+class Submission(NamedTuple):
     """One task as the client submits it (SUBMIT carries a list of these)."""
 
     task_id: str
@@ -303,16 +305,7 @@ class Submission:
     submitted_at: float
 
     def to_wire(self) -> list[Any]:
-        return [
-            self.task_id,
-            self.name,
-            self.priority,
-            self.payload,
-            self.max_retries,
-            self.retry_delay_s,
-            self.timeout_s,
-            self.submitted_at,
-        ]
+        return list(self)
 
 
 def parse_submit(body: object) -> list[Submission]:
@@ -342,6 +335,33 @@ def split_submit(body: object) -> tuple[list[Submission], list[tuple[str, str]]]
 
 def _submission(item: list[Any]) -> Submission:
     task_id, name, priority, payload, max_retries, retry_delay, timeout, submitted_at = item
+    # One combined check on the hot path; the slow path below says what was wrong.
+    if (
+        type(task_id) is str
+        and 0 < len(task_id) <= MAX_TASK_ID_CHARS
+        and type(name) is str
+        and 0 < len(name) <= 500
+        and type(priority) is int
+        and -(2**31) <= priority < 2**31
+        and type(payload) is bytes
+        and type(max_retries) is int
+        and 0 <= max_retries <= 1000
+        and _is_number(retry_delay)
+        and retry_delay >= 0
+        and (timeout is None or (_is_number(timeout) and timeout > 0))
+        and _is_number(submitted_at)
+        and len(task_id.encode()) <= MAX_TASK_ID_BYTES
+    ):
+        return Submission(
+            task_id,
+            name,
+            priority,
+            payload,
+            max_retries,
+            float(retry_delay),
+            None if timeout is None else float(timeout),
+            float(submitted_at),
+        )
     _expect(isinstance(task_id, str) and 0 < len(task_id) <= MAX_TASK_ID_CHARS, "bad task id")
     _expect(len(task_id.encode()) <= MAX_TASK_ID_BYTES, "task id longer than 200 bytes")
     _expect(isinstance(name, str) and 0 < len(name) <= 500, "bad task name")
@@ -351,16 +371,7 @@ def _submission(item: list[Any]) -> Submission:
     _expect(_is_number(retry_delay) and retry_delay >= 0, "bad retry_delay")
     _expect(_optional_number(timeout) and (timeout is None or timeout > 0), "bad timeout")
     _expect(_is_number(submitted_at), "bad submitted_at")
-    return Submission(
-        task_id,
-        name,
-        priority,
-        payload,
-        max_retries,
-        float(retry_delay),
-        None if timeout is None else float(timeout),
-        float(submitted_at),
-    )
+    raise ProtocolError("bad SUBMIT item")
 
 
 def parse_task_ids(body: object, command: str) -> list[str]:
@@ -370,8 +381,7 @@ def parse_task_ids(body: object, command: str) -> list[str]:
     return ids
 
 
-@dataclass(frozen=True, slots=True)
-class Dispatch:
+class Dispatch(NamedTuple):
     """One task attempt the broker hands to a node (TASKS carries a list of these)."""
 
     task_id: str
@@ -381,7 +391,7 @@ class Dispatch:
     timeout_s: float | None
 
     def to_wire(self) -> list[Any]:
-        return [self.task_id, self.attempt, self.name, self.payload, self.timeout_s]
+        return list(self)
 
 
 def parse_tasks(body: object) -> list[Dispatch]:
@@ -396,8 +406,7 @@ def parse_tasks(body: object) -> list[Dispatch]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorInfo:
+class ErrorInfo(NamedTuple):
     """An exception as it travels: type name, message and formatted traceback."""
 
     exc_type: str
@@ -405,15 +414,14 @@ class ErrorInfo:
     traceback: str | None
 
     def to_wire(self) -> list[Any]:
-        return [self.exc_type, self.message, self.traceback]
+        return list(self)
 
     @classmethod
     def from_exception(cls, exc: BaseException, traceback: str | None = None) -> ErrorInfo:
         return cls(type(exc).__qualname__, str(exc), traceback)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """The end of one attempt, reported by a node (RESULTS carries a list of these)."""
 
     task_id: str
@@ -432,7 +440,7 @@ class Outcome:
             self.task_id,
             self.attempt,
             self.value,
-            None if self.error is None else self.error.to_wire(),
+            None if self.error is None else list(self.error),
             self.started_at,
             self.finished_at,
         ]
