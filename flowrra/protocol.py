@@ -397,11 +397,16 @@ class Dispatch(NamedTuple):
 def parse_tasks(body: object) -> list[Dispatch]:
     out: list[Dispatch] = []
     for item in _list_body(body, "TASKS"):
-        _expect(isinstance(item, list) and len(item) == 5, "TASKS item must have 5 fields")
+        _expect(type(item) is list and len(item) == 5, "TASKS item must have 5 fields")
         task_id, attempt, name, payload, timeout = item
-        _expect(isinstance(task_id, str) and _is_int(attempt), "bad TASKS item")
-        _expect(isinstance(name, str) and isinstance(payload, bytes), "bad TASKS item")
-        _expect(_optional_number(timeout), "bad TASKS timeout")
+        _expect(
+            type(task_id) is str
+            and type(attempt) is int
+            and type(name) is str
+            and type(payload) is bytes
+            and (timeout is None or _is_number(timeout)),
+            "bad TASKS item",
+        )
         out.append(Dispatch(task_id, attempt, name, payload, timeout))
     return out
 
@@ -449,11 +454,16 @@ class Outcome(NamedTuple):
 def parse_results(body: object) -> list[Outcome]:
     out: list[Outcome] = []
     for item in _list_body(body, "RESULTS"):
-        _expect(isinstance(item, list) and len(item) == 6, "RESULTS item must have 6 fields")
+        _expect(type(item) is list and len(item) == 6, "RESULTS item must have 6 fields")
         task_id, attempt, value, error, started_at, finished_at = item
-        _expect(isinstance(task_id, str) and _is_int(attempt), "bad RESULTS item")
-        _expect(value is None or isinstance(value, bytes), "bad RESULTS value")
-        _expect(_is_number(started_at) and _is_number(finished_at), "bad RESULTS times")
+        _expect(
+            type(task_id) is str
+            and type(attempt) is int
+            and (value is None or type(value) is bytes)
+            and _is_number(started_at)
+            and _is_number(finished_at),
+            "bad RESULTS item",
+        )
         info: ErrorInfo | None = None
         if error is not None:
             _expect(isinstance(error, list) and len(error) == 3, "bad RESULTS error")
@@ -621,14 +631,29 @@ RECORD_FIELDS: Final = (
 )
 
 
+_RECORD_KEYS: Final = frozenset(RECORD_FIELDS)
+_STATUS_VALUES: Final = frozenset(status.value for status in TaskStatus)
+
+
+def _optional_text(value: object) -> bool:
+    return value is None or type(value) is str
+
+
 def parse_record(body: object) -> dict[str, Any]:
     """Validate one public task record (from STATE or a RESULT publication)."""
     m = _map_body(body, "record")
-    for field in RECORD_FIELDS:
-        _expect(field in m, f"record lacks {field!r}")
-    _expect(isinstance(m["task_id"], str) and isinstance(m["task_name"], str), "bad record ids")
+    missing = _RECORD_KEYS - m.keys()
+    _expect(not missing, f"record lacks {sorted(missing)}")
     status = m["status"]
-    _expect(isinstance(status, str) and status in TaskStatus._value2member_map_, "bad status")
-    _expect(m["result"] is None or isinstance(m["result"], bytes), "bad record result")
+    _expect(type(m["task_id"]) is str and type(m["task_name"]) is str, "bad record ids")
+    _expect(type(status) is str and status in _STATUS_VALUES, "bad record status")
+    _expect(m["result"] is None or type(m["result"]) is bytes, "bad record result")
     _expect(_is_int(m["retries"]), "bad record retries")
+    _expect(_optional_text(m["error"]) and _optional_text(m["traceback"]), "bad record error")
+    _expect(
+        _optional_number(m["submitted_at"])
+        and _optional_number(m["started_at"])
+        and _optional_number(m["finished_at"]),
+        "bad record times",
+    )
     return m
