@@ -89,6 +89,12 @@ class Outbox:
     def publish(self, topic: str, command: Command, body: object = None) -> None:
         self.publications.append(protocol.encode_publication(topic.encode(), command, body))
 
+    def take_dispatches(self) -> list[tuple[bytes, list[bytes]]]:
+        """Only the TASKS messages (they may leave before the tick's commit)."""
+        out = [(peer, protocol.encode(Command.TASKS, items)) for peer, items in self.tasks.items()]
+        self.tasks = defaultdict(list)
+        return out
+
     def take(self) -> tuple[list[tuple[bytes, list[bytes]]], list[list[bytes]]]:
         """All pending messages as frames, and all publications; empties the outbox."""
         out = self.messages

@@ -68,6 +68,11 @@ class BrokerService:
                     broker.handle_subscription(topic)
                 broker.tick(now)
                 if self.store.dirty:
+                    # Dispatches need not wait for the disk: a crash before this commit only
+                    # means the attempt runs again under the same number, and attempts are
+                    # fenced, so the task still gets exactly one final result. Nodes start
+                    # working while the fsync runs; acknowledgements and results wait for it.
+                    self._send_dispatches(now)
                     await self._commit()
                 if broker.outbox:
                     self._flush(now)
@@ -95,6 +100,13 @@ class BrokerService:
             log.error("commit failed, refusing this tick's submissions: %s", exc)
             self.store.discard()
             self.broker.abandon_tick(str(exc), time.time())
+
+    def _send_dispatches(self, now: float) -> None:
+        send = self.endpoint.send
+        for peer, frames in self.broker.outbox.take_dispatches():
+            if not send(peer, frames):
+                self.broker.peer_unreachable(peer, now)
+                self.wakeup.set()
 
     def _flush(self, now: float) -> None:
         messages, publications = self.broker.outbox.take()

@@ -223,7 +223,9 @@ class Node:
                     link.send(protocol.encode(Command.HEARTBEAT))
                     self._last_sent = now
                 if not messages:
-                    wait = min(interval - (now - self._last_sent), expiry - (now - heard))
+                    wait = expiry - (now - heard)
+                    if welcomed:  # heartbeats only once registered
+                        wait = min(wait, interval - (now - self._last_sent))
                     await self._wakeup.wait(max(wait, 0.001))
                 else:
                     await asyncio.sleep(0)
