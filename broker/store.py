@@ -163,6 +163,10 @@ class LmdbStore:
             # Index scans at start-up would otherwise fault in neighbouring task pages too
             # and inflate the broker's resident memory.
             readahead=False,
+            # In fast mode a commit then only touches memory (no pwrite per dirty page): the
+            # pages still reach the disk through the page cache, so a killed broker loses
+            # nothing. Full mode keeps LMDB's default, where its own writes precede the fsync.
+            writemap=durability is Durability.FAST,
         )
         self._dbs = {t: self._env.open_db(t.value.encode()) for t in Table}
         self._pending: _Pending = {}
