@@ -17,7 +17,8 @@ from broker.security import BrokerAccess
 from broker.server import BrokerService, open_store
 from broker.store import Durability
 from flowrra.exitcodes import ExitCode
-from flowrra.logs import LOG_LEVELS, configure_logging
+from flowrra.logs import configure_logging
+from flowrra.options import log_options
 from flowrra.transport import Wakeup, ZmqBrokerEndpoint
 
 if TYPE_CHECKING:
@@ -150,8 +151,7 @@ def _start_metrics(bind: str, host: str | None, port: int) -> BrokerMetrics:
     default=None,
     help="Address of the metrics server [default: the --bind host, 127.0.0.1 for a wildcard].",
 )
-@click.option("--log-level", default="INFO", type=click.Choice(LOG_LEVELS))
-@click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
+@log_options
 def main(
     bind: str,
     publish: str | None,

@@ -80,24 +80,44 @@ class Store(Protocol):
 _Pending = dict[tuple[Table, bytes], bytes | None]
 
 
-class MemoryStore:
-    """The in-memory twin of :class:`LmdbStore`: same semantics, nothing survives a restart."""
+class _WriteBuffer:
+    """The writes of one tick, kept until the store commits them in one transaction."""
 
     def __init__(self) -> None:
-        self._tables: dict[Table, dict[bytes, bytes]] = {t: {} for t in Table}
         self._pending: _Pending = {}
 
     def get(self, table: Table, key: bytes) -> bytes | None:
         pending = self._pending.get((table, key), _MISSING)
         if pending is not _MISSING:
             return pending  # type: ignore[no-any-return]
-        return self._tables[table].get(key)
+        return self._committed(table, key)
+
+    def _committed(self, table: Table, key: bytes) -> bytes | None:
+        raise NotImplementedError
 
     def put(self, table: Table, key: bytes, value: bytes) -> None:
         self._pending[(table, key)] = value
 
     def delete(self, table: Table, key: bytes) -> None:
         self._pending[(table, key)] = None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._pending)
+
+    def discard(self) -> None:
+        self._pending = {}
+
+
+class MemoryStore(_WriteBuffer):
+    """The in-memory twin of :class:`LmdbStore`: same semantics, nothing survives a restart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tables: dict[Table, dict[bytes, bytes]] = {t: {} for t in Table}
+
+    def _committed(self, table: Table, key: bytes) -> bytes | None:
+        return self._tables[table].get(key)
 
     def scan(
         self, table: Table, start: bytes = b"", stop: bytes | None = None
@@ -106,10 +126,6 @@ class MemoryStore:
         for key in sorted(k for k in data if k >= start and (stop is None or k < stop)):
             yield key, data[key]
 
-    @property
-    def dirty(self) -> bool:
-        return bool(self._pending)
-
     def commit(self) -> None:
         pending, self._pending = self._pending, {}
         for (table, key), value in pending.items():
@@ -117,9 +133,6 @@ class MemoryStore:
                 self._tables[table].pop(key, None)
             else:
                 self._tables[table][key] = value
-
-    def discard(self) -> None:
-        self._pending = {}
 
     def count(self, table: Table) -> int:
         return len(self._tables[table])
@@ -137,7 +150,7 @@ _INITIAL_MAP_SIZE = 1 << 30
 _MAX_MAP_SIZE = 1 << 40
 
 
-class LmdbStore:
+class LmdbStore(_WriteBuffer):
     """The store in an LMDB environment under ``path``."""
 
     def __init__(
@@ -169,8 +182,8 @@ class LmdbStore:
             writemap=durability is Durability.FAST,
         )
         self._dbs = {t: self._env.open_db(t.value.encode()) for t in Table}
-        self._pending: _Pending = {}
         self._reader: Any = None
+        super().__init__()
 
     def _read_txn(self) -> Any:
         if self._reader is None:
@@ -182,19 +195,10 @@ class LmdbStore:
             self._reader.abort()
             self._reader = None
 
-    def get(self, table: Table, key: bytes) -> bytes | None:
-        pending = self._pending.get((table, key), _MISSING)
-        if pending is not _MISSING:
-            return pending  # type: ignore[no-any-return]
+    def _committed(self, table: Table, key: bytes) -> bytes | None:
         if not 0 < len(key) <= MAX_KEY_BYTES:
             return None  # LMDB could not hold such a key, so it holds no value for it
         return self._read_txn().get(key, db=self._dbs[table])  # type: ignore[no-any-return]
-
-    def put(self, table: Table, key: bytes, value: bytes) -> None:
-        self._pending[(table, key)] = value
-
-    def delete(self, table: Table, key: bytes) -> None:
-        self._pending[(table, key)] = None
 
     def scan(
         self, table: Table, start: bytes = b"", stop: bytes | None = None
@@ -207,10 +211,6 @@ class LmdbStore:
                 if stop is not None and key >= stop:
                     return
                 yield key, value
-
-    @property
-    def dirty(self) -> bool:
-        return bool(self._pending)
 
     def commit(self) -> None:
         if not self._pending:
@@ -230,9 +230,6 @@ class LmdbStore:
                 self._grow()
             except lmdb.DiskError as exc:
                 raise StoreFullError(f"the disk under {self.path} is full: {exc}") from exc
-        self._pending = {}
-
-    def discard(self) -> None:
         self._pending = {}
 
     def count(self, table: Table) -> int:

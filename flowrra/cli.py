@@ -17,6 +17,7 @@ from flowrra import __version__
 from flowrra.client import BrokerClient
 from flowrra.errors import AdminError, BrokerUnavailable, ProtocolError
 from flowrra.exitcodes import ExitCode
+from flowrra.options import curve_client_options
 from flowrra.protocol import unpack_args, unpack_value
 from flowrra.result import TaskResult
 from flowrra.security import client_keys
@@ -159,18 +160,7 @@ async def _admin(obj: dict[str, Any], verb: str, **args: Any) -> Any:
 @click.version_option(__version__, prog_name="flowrra")
 @click.option("--broker", default="tcp://127.0.0.1:5555", help="The broker's endpoint.")
 @click.option("--timeout", default=5.0, type=click.FloatRange(min=0.1), help="Seconds to wait.")
-@click.option(
-    "--curve-server-key",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="The broker's public key file (enables CURVE with --curve-secret-key).",
-)
-@click.option(
-    "--curve-secret-key",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Our secret key file, from 'flowrra keygen'.",
-)
+@curve_client_options
 @click.pass_context
 def main(
     ctx: click.Context,

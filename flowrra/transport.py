@@ -202,6 +202,27 @@ class _Watched:
         self.socket.close(linger=linger_ms)
 
 
+def _connected_socket(
+    context: zmq.Context[zmq.Socket[bytes]],
+    kind: int,
+    url: str,
+    keys: ClientKeys | None,
+) -> zmq.Socket[bytes]:
+    """A client-side socket connected to ``url``: unbounded pipes, quick reconnects."""
+    socket = context.socket(kind)
+    if keys is not None:
+        keys.apply(socket)
+    socket.setsockopt(zmq.LINGER, 0)
+    # Messages wait in the socket while the broker is away (the client re-sends anything
+    # unanswered anyway), and results are never dropped on the way in.
+    socket.setsockopt(zmq.SNDHWM, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)
+    socket.setsockopt(zmq.RECONNECT_IVL, 100)
+    socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    socket.connect(url)
+    return socket
+
+
 class ZmqLink(_Watched):
     """A DEALER connected to the broker."""
 
@@ -212,18 +233,7 @@ class ZmqLink(_Watched):
         wakeup: Wakeup,
         keys: ClientKeys | None = None,
     ) -> None:
-        socket = context.socket(zmq.DEALER)
-        if keys is not None:
-            keys.apply(socket)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SNDHWM, 0)
-        socket.setsockopt(zmq.RCVHWM, 0)
-        # Messages wait in the socket while the broker is away (the client re-sends anything
-        # unanswered anyway); reconnect quickly after a broker restart.
-        socket.setsockopt(zmq.RECONNECT_IVL, 100)
-        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        socket.connect(url)
-        super().__init__(socket, wakeup)
+        super().__init__(_connected_socket(context, zmq.DEALER, url, keys), wakeup)
 
     def send(self, frames: Frames) -> None:
         send_frames(self.socket, frames)
@@ -240,15 +250,7 @@ class ZmqSubscriber(_Watched):
         wakeup: Wakeup,
         keys: ClientKeys | None = None,
     ) -> None:
-        socket = context.socket(zmq.SUB)
-        if keys is not None:
-            keys.apply(socket)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.RCVHWM, 0)
-        socket.setsockopt(zmq.RECONNECT_IVL, 100)
-        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        socket.connect(url)
-        super().__init__(socket, wakeup)
+        super().__init__(_connected_socket(context, zmq.SUB, url, keys), wakeup)
 
     def subscribe(self, topic: bytes) -> None:
         self.socket.setsockopt(zmq.SUBSCRIBE, topic)

@@ -13,7 +13,8 @@ import click
 
 from flowrra.app import Flowrra
 from flowrra.exitcodes import ExitCode
-from flowrra.logs import LOG_LEVELS, configure_logging
+from flowrra.logs import configure_logging
+from flowrra.options import curve_client_options, log_options
 from flowrra.security import client_keys
 from flowrra.transport import ZmqConnector
 from node.worker import Node
@@ -77,26 +78,14 @@ def _on_signal(node: Node, signum: int, grace_s: float) -> None:
 @click.option(
     "--node-id", default=None, help="A stable name for this node [default: host-pid-random]."
 )
-@click.option(
-    "--curve-server-key",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="The broker's public key file: enables CURVE (with --curve-secret-key).",
-)
-@click.option(
-    "--curve-secret-key",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="This node's secret key file (from 'flowrra keygen').",
-)
+@curve_client_options
 @click.option(
     "--grace",
     default=30.0,
     type=click.FloatRange(min=0),
     help="Seconds running tasks get to finish on SIGTERM before they are handed back.",
 )
-@click.option("--log-level", default="INFO", type=click.Choice(LOG_LEVELS))
-@click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
+@log_options
 def main(
     app_spec: str,
     broker: str,

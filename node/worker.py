@@ -16,6 +16,7 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -300,28 +301,20 @@ class Node:
                 FunctionRef(spec.module, spec.qualname), dispatch.payload, timeout
             )
         args, kwargs = protocol.unpack_args(dispatch.payload)
+        call: Awaitable[Any]
         if spec.is_async:
-            coroutine = spec.fn(*args, **kwargs)
-            if timeout is None:
-                result = await coroutine
-            else:
-                try:
-                    result = await asyncio.wait_for(coroutine, timeout)
-                except TimeoutError:
-                    raise TaskTimeoutError(f"task exceeded its timeout of {timeout}s") from None
+            call = spec.fn(*args, **kwargs)
         else:
+            # A thread cannot be killed: on timeout the attempt fails now and the thread's
+            # eventual return value is discarded.
             loop = asyncio.get_running_loop()
             call = loop.run_in_executor(self._threads, functools.partial(spec.fn, *args, **kwargs))
-            if timeout is None:
-                result = await call
-            else:
-                try:
-                    # A thread cannot be killed: the attempt fails now and the thread's
-                    # eventual return value is discarded.
-                    result = await asyncio.wait_for(call, timeout)
-                except TimeoutError:
-                    raise TaskTimeoutError(f"task exceeded its timeout of {timeout}s") from None
-        return protocol.pack_value(result)
+        if timeout is None:
+            return protocol.pack_value(await call)
+        try:
+            return protocol.pack_value(await asyncio.wait_for(call, timeout))
+        except TimeoutError:
+            raise TaskTimeoutError(f"task exceeded its timeout of {timeout}s") from None
 
     def _flush(self) -> None:
         self._flush_scheduled = False
