@@ -387,6 +387,7 @@ class ZmqBrokerEndpoint:
                     and len(frames) > 2
                     and frames[2] in _NODE_ONLY_FRAMES
                 ):
+                    # Logged every time: refusals are security events worth auditing.
                     log.warning("refused a node command from a non-node key (%s)", user)
                     continue
                 out.append((frames[0], frames[1:]))

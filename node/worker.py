@@ -79,6 +79,7 @@ class Node:
         self._outcomes: list[list[Any]] = []
         self._recent: deque[tuple[float, list[Any]]] = deque(maxlen=RECENT_OUTCOMES_MAX)
         self._registrations = 0
+        self._reconnecting = False
         self._flush_scheduled = False
         self._stopping = False
         self._drain_until: float | None = None
@@ -193,6 +194,7 @@ class Node:
                             if not welcomed:
                                 log.info("registered with broker %s", welcome.broker_id[:8])
                             welcomed = True
+                            self._reconnecting = False
                             self._registrations += 1
                             self.ready.set()
                             if self._drain_until is not None:
@@ -218,7 +220,10 @@ class Node:
                     break
                 heard = self._broker_last_heard(last_heard)
                 if now - heard > expiry:
-                    log.warning("broker silent for %.1fs; reconnecting", now - heard)
+                    # Once per outage at WARNING; the retries after it only at DEBUG.
+                    level = logging.DEBUG if self._reconnecting else logging.WARNING
+                    log.log(level, "broker silent for %.1fs; reconnecting", now - heard)
+                    self._reconnecting = True
                     return
                 if welcomed and now - self._last_sent >= interval:
                     link.send(protocol.encode(Command.HEARTBEAT))
