@@ -53,6 +53,9 @@ from typing import Any
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
+# The node's async slots: the same 1,000 in flight as the baseline. With a window of 100 the
+# node and the broker take turns on one batch (lock-step); a deeper one lets them overlap.
+NODE_CONCURRENCY = 1000
 HOST = "127.0.0.1"
 
 ALL_MODES = ("embedded", "full", "fast")
@@ -819,7 +822,7 @@ class Remote:
                 "--broker",
                 self.url,
                 "--concurrency",
-                "100",
+                str(NODE_CONCURRENCY),
                 "--processes",
                 "2",
             ]
