@@ -19,6 +19,7 @@ from broker.store import Durability
 from flowrra.exitcodes import ExitCode
 from flowrra.logs import configure_logging
 from flowrra.options import log_options
+from flowrra.runner import run
 from flowrra.transport import Wakeup, ZmqBrokerEndpoint
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ def main(
     if metrics_port is not None:
         metrics = _start_metrics(bind, metrics_host, metrics_port)
     try:
-        asyncio.run(serve(config, metrics=metrics))
+        run(serve(config, metrics=metrics))
     except zmq.ZMQError as exc:
         log.error("cannot bind %s / %s: %s", bind, publish or "bind port + 1", exc)
         sys.exit(ExitCode.UNAVAILABLE)

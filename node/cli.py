@@ -15,6 +15,7 @@ from flowrra.app import Flowrra
 from flowrra.exitcodes import ExitCode
 from flowrra.logs import configure_logging
 from flowrra.options import curve_client_options, log_options
+from flowrra.runner import run
 from flowrra.security import client_keys
 from flowrra.transport import ZmqConnector
 from node.worker import Node
@@ -117,5 +118,5 @@ def main(
         processes=processes,
         node_id=node_id,
     )
-    asyncio.run(run_node(node, broker, grace))
+    run(run_node(node, broker, grace))
     sys.exit(ExitCode.OK)
