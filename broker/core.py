@@ -90,8 +90,15 @@ class Outbox:
         self.publications.append(protocol.encode_publication(topic.encode(), command, body))
 
     def take_dispatches(self) -> list[tuple[bytes, list[bytes]]]:
-        """Only the TASKS messages (they may leave before the tick's commit)."""
-        out = [(peer, protocol.encode(Command.TASKS, items)) for peer, items in self.tasks.items()]
+        """What may leave before the tick's commit: the TASKS messages, preceded by the
+        messages that do not depend on the store (a node's WELCOME must reach it before
+        its first tasks)."""
+        out = [(peer, frames) for peer, frames in self.messages if frames[1] in _STATELESS]
+        if out:
+            self.messages = [m for m in self.messages if m[1][1] not in _STATELESS]
+        out.extend(
+            (peer, protocol.encode(Command.TASKS, items)) for peer, items in self.tasks.items()
+        )
         self.tasks = defaultdict(list)
         return out
 

@@ -21,6 +21,7 @@ from flowrra.protocol import (
     Outcome,
     SlotKind,
     TaskStatus,
+    decode,
     encode,
     pack_args,
     pack_value,
@@ -954,3 +955,15 @@ def test_results_are_batched_per_client_prefix_and_sent_to_watchers(h: Harness) 
     by_topic = {topic: [parse_record(b)["task_id"] for b in m.body] for topic, m in publications}
     # One message for the submitter's prefix with all three, one for the watcher.
     assert by_topic == {prefix.encode(): ids_, ids_[2].encode(): [ids_[2]]}
+
+
+def test_early_dispatches_follow_the_nodes_welcome(h: Harness) -> None:
+    # TASKS may leave before the tick's commit; a new node's WELCOME must still come first.
+    h.take()
+    h.submit(submission("t1"))
+    h.ready(NODE_A)
+    h.tick()
+    early = [(peer, decode(frames).command) for peer, frames in h.broker.outbox.take_dispatches()]
+    assert early == [(NODE_A, Command.WELCOME), (NODE_A, Command.TASKS)]
+    messages, _ = h.take()  # what is left waits for the commit: the client's ACK
+    assert [m.command for _, m in messages] == [Command.ACK]
