@@ -13,7 +13,6 @@ import struct
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 import msgpack
@@ -796,8 +795,3 @@ class Broker:
         if next_timer is not None:
             wait = min(wait, next_timer / 1000 - now)
         return max(wait, 0.0)
-
-    # ------------------------------------------------------------------ introspection
-
-    def queued_names(self) -> Iterable[str]:
-        return self.queues.depth_by_name().keys()
