@@ -223,8 +223,10 @@ def _connected_socket(
     return socket
 
 
-class ZmqLink(_Watched):
-    """A DEALER connected to the broker."""
+class _ClientSocket(_Watched):
+    """A socket of type ``KIND`` connected to the broker (with CURVE ``keys`` if given)."""
+
+    KIND: int
 
     def __init__(
         self,
@@ -233,24 +235,23 @@ class ZmqLink(_Watched):
         wakeup: Wakeup,
         keys: ClientKeys | None = None,
     ) -> None:
-        super().__init__(_connected_socket(context, zmq.DEALER, url, keys), wakeup)
+        super().__init__(_connected_socket(context, self.KIND, url, keys), wakeup)
+
+
+class ZmqLink(_ClientSocket):
+    """A DEALER connected to the broker."""
+
+    KIND = zmq.DEALER
 
     def send(self, frames: Frames) -> None:
         send_frames(self.socket, frames)
         self.check()
 
 
-class ZmqSubscriber(_Watched):
+class ZmqSubscriber(_ClientSocket):
     """A SUB connected to the broker's publish endpoint."""
 
-    def __init__(
-        self,
-        context: zmq.Context[zmq.Socket[bytes]],
-        url: str,
-        wakeup: Wakeup,
-        keys: ClientKeys | None = None,
-    ) -> None:
-        super().__init__(_connected_socket(context, zmq.SUB, url, keys), wakeup)
+    KIND = zmq.SUB
 
     def subscribe(self, topic: bytes) -> None:
         self.socket.setsockopt(zmq.SUBSCRIBE, topic)
