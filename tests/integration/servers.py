@@ -1,69 +1,65 @@
-"""Local stand-in servers on 127.0.0.1 for the guide's examples: HTTP and SMTP, asyncio streams.
+"""Real local servers on 127.0.0.1 for the guide's examples: HTTP (aiohttp) and SMTP (aiosmtpd).
 
-:class:`HttpStandIn` runs on the test's own event loop. :class:`SmtpStandIn` runs on an event
-loop in a thread of its own, so it can live for a whole module and its port can be handed to a
-node process before any test starts.
+:class:`HttpServer` is an ``aiohttp.web`` server on the test's own event loop. :class:`SmtpServer`
+is an ``aiosmtpd`` :class:`~aiosmtpd.controller.Controller`, which runs its event loop in a
+thread of its own, so it can live for a whole module and its port can be handed to a node
+process before any test starts. Both listen on the loopback address only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.parser
 import email.policy
-import json
+import errno
 import queue
-import threading
+import socket
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
+from aiohttp import web
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
-class HttpStandIn:
+from tests.conftest import free_port
+
+LOOPBACK = "127.0.0.1"
+
+
+class HttpServer:
     """Answers ``GET <path>`` with the JSON document registered for the path, else 404."""
 
     def __init__(self, routes: dict[str, Any]) -> None:
         self.routes = routes
         self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self._server: asyncio.Server | None = None
         self.port = 0
+        self._runner: web.AppRunner | None = None
 
-    async def __aenter__(self) -> HttpStandIn:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def __aenter__(self) -> HttpServer:
+        application = web.Application()
+        application.router.add_route("*", "/{path:.*}", self._serve)
+        self._runner = web.AppRunner(application, access_log=None)
+        await self._runner.setup()
+        # Bind the socket ourselves: port 0 picks a free port, and we learn which one.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
+        assert self._runner is not None
+        await self._runner.cleanup()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{LOOPBACK}:{self.port}{path}"
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
-            headers: dict[str, str] = {}
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                name, _, value = line.decode("latin-1").partition(":")
-                headers[name.strip().lower()] = value.strip()
-            method, path, _version = request_line.split(" ", 2)
-            self.requests.append((method, path, headers))
-            if method == "GET" and path in self.routes:
-                status, body = "200 OK", json.dumps(self.routes[path]).encode()
-            else:
-                status, body = "404 Not Found", b'{"detail": "not found"}'
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1")
-                + body
-            )
-            await writer.drain()
-        finally:
-            writer.close()
+    async def _serve(self, request: web.Request) -> web.Response:
+        self.requests.append((request.method, request.path_qs, dict(request.headers)))
+        if request.method == "GET" and request.path_qs in self.routes:
+            return web.json_response(self.routes[request.path_qs])
+        return web.json_response({"detail": "not found"}, status=404)
 
 
 @dataclass(frozen=True)
@@ -73,87 +69,63 @@ class ReceivedMail:
     message: EmailMessage
 
 
-class SmtpStandIn:
-    """A minimal SMTP server (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT)."""
+class _Collect:
+    """An aiosmtpd handler: every message accepted is parsed and put on ``received``."""
+
+    def __init__(self, received: queue.Queue[ReceivedMail]) -> None:
+        self.received = received
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(content)
+        assert isinstance(parsed, EmailMessage)
+        assert envelope.mail_from is not None
+        self.received.put(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), parsed))
+        return "250 Message accepted for delivery"
+
+
+class SmtpServer:
+    """An aiosmtpd SMTP server on 127.0.0.1 that keeps the mail it accepts in ``received``.
+
+    The handler queues a message before the server answers ``250`` to its DATA, so once a
+    client's ``send_message()`` has returned, the message is already in ``received``.
+    """
 
     def __init__(self) -> None:
         self.received: queue.Queue[ReceivedMail] = queue.Queue()
         self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="smtp-standin")
-        self._server: asyncio.Server | None = None
+        self._controller: Controller | None = None
 
-    def start(self) -> SmtpStandIn:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0), self._loop
-        ).result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
+    def start(self) -> SmtpServer:
+        # The Controller needs a fixed port (it connects to it to check the server is up).
+        for _ in range(5):
+            controller = Controller(
+                _Collect(self.received),
+                hostname=LOOPBACK,
+                port=free_port(),
+                server_hostname="flowrra-tests.invalid",
+                ready_timeout=10.0,
+            )
+            try:
+                controller.start()
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                continue  # somebody took the port meanwhile: try another
+            self._controller = controller
+            self.port = controller.port
+            return self
+        raise AssertionError("could not start an SMTP server on a free port")
 
     def stop(self) -> None:
-        async def close() -> None:
-            assert self._server is not None
-            self._server.close()
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
 
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        def reply(text: str) -> None:
-            writer.write(text.encode() + b"\r\n")
-
-        sender: str | None = None
-        recipients: list[str] = []
-        reply("220 127.0.0.1 flowrra-tests SMTP stand-in")
-        try:
-            while line := await reader.readline():
-                command = line.decode("utf-8", "replace").rstrip("\r\n")
-                verb = command.split(" ", 1)[0].upper()
-                if verb in ("EHLO", "HELO"):
-                    reply("250-127.0.0.1 hello")
-                    reply("250 8BITMIME")
-                elif command.upper().startswith("MAIL FROM:"):
-                    sender, recipients = _address(command[10:]), []
-                    reply("250 OK")
-                elif command.upper().startswith("RCPT TO:"):
-                    if sender is None:
-                        reply("503 MAIL first")
-                    else:
-                        recipients.append(_address(command[8:]))
-                        reply("250 OK")
-                elif verb == "DATA":
-                    if sender is None or not recipients:
-                        reply("503 MAIL and RCPT first")
-                        continue
-                    reply("354 End data with <CR><LF>.<CR><LF>")
-                    await writer.drain()
-                    lines: list[bytes] = []
-                    while (data := await reader.readline()) not in (b".\r\n", b""):
-                        lines.append(data[1:] if data.startswith(b"..") else data)
-                    parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(
-                        b"".join(lines)
-                    )
-                    assert isinstance(parsed, EmailMessage)
-                    self.received.put(ReceivedMail(sender, recipients, parsed))
-                    sender, recipients = None, []
-                    reply("250 OK: queued")
-                elif verb in ("RSET", "NOOP"):
-                    if verb == "RSET":
-                        sender, recipients = None, []
-                    reply("250 OK")
-                elif verb == "QUIT":
-                    reply("221 Bye")
-                    await writer.drain()
-                    break
-                else:
-                    reply("502 Command not implemented")
-                await writer.drain()
-        finally:
-            writer.close()
-
-
-def _address(text: str) -> str:
-    return text.strip().split(" ", 1)[0].strip("<>")
+    def drain(self) -> None:
+        """Forget the mail received so far."""
+        while True:
+            try:
+                self.received.get_nowait()
+            except queue.Empty:
+                return

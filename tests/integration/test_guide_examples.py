@@ -5,18 +5,18 @@ client of a real ``flowrra-broker`` with a real ``flowrra-node --app tests.apps.
 (shared by the module's tests). The example code below is the guide's, with ``app`` bound to
 the app under test; comments mark where a test adds checks around it.
 
-httpx, aiosmtplib and pandas are not Flowrra dependencies: the examples that use them run
-against the small stand-ins of ``tests/apps/standins`` (unless the real library is installed)
-talking to local HTTP and SMTP servers on 127.0.0.1 (``servers.py``).
+The examples use the real httpx, aiosmtplib and pandas (the ``test`` extra), talking to real
+local servers on 127.0.0.1 (``servers.py``: aiohttp for HTTP, aiosmtpd for SMTP). The node
+processes learn the SMTP server's address from their environment (``SMTP_HOST``/``SMTP_PORT``,
+as the guide says); the HTTP server's URL is a task argument.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import csv
+import inspect
 import itertools
-import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,22 +41,30 @@ from tests.apps.guide import (
     send_email,
     urgent_task,
 )
-from tests.apps.standins import SITE
 from tests.conftest import Launcher, remote_twin
-from tests.integration.servers import HttpStandIn, SmtpStandIn
-
-PANDAS_MISSING = importlib.util.find_spec("pandas") is None
+from tests.integration.servers import LOOPBACK, HttpServer, SmtpServer
+from tests.test_docs import GUIDE_BLOCKS
 
 
 @pytest.fixture(scope="module")
-def smtp_server() -> Iterator[SmtpStandIn]:
-    server = SmtpStandIn().start()
+def smtp_server() -> Iterator[SmtpServer]:
+    server = SmtpServer().start()
     yield server
     server.stop()
 
 
+def server_env(smtp_server: SmtpServer) -> dict[str, str]:
+    """Where the guide's tasks find their servers; no HTTP proxy for loopback addresses."""
+    return {
+        "SMTP_HOST": LOOPBACK,
+        "SMTP_PORT": str(smtp_server.port),
+        "NO_PROXY": LOOPBACK,
+        "no_proxy": LOOPBACK,
+    }
+
+
 @pytest.fixture(scope="module")
-def guide_node(module_launcher: Launcher, smtp_server: SmtpStandIn) -> Any:
+def guide_node(module_launcher: Launcher, smtp_server: SmtpServer) -> Any:
     """One broker and one node serving the guide's app, for the remote runs of this module."""
     broker = module_launcher.broker()
     module_launcher.node(
@@ -64,37 +72,35 @@ def guide_node(module_launcher: Launcher, smtp_server: SmtpStandIn) -> Any:
         "tests.apps.guide:app",
         concurrency=20,
         processes=2,
-        extra_path=[SITE] if PANDAS_MISSING else [],
-        env={"STANDIN_SMTP_PORT": str(smtp_server.port)},
+        env=server_env(smtp_server),
     )
     return broker
 
 
 @pytest.fixture(params=["embedded", "remote"])
 def app(
-    request: pytest.FixtureRequest, smtp_server: SmtpStandIn, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> Flowrra:
     """The guide's ``app``: itself (embedded default) or its twin, a client of a real broker."""
     if request.param == "embedded":
-        monkeypatch.setenv("STANDIN_SMTP_PORT", str(smtp_server.port))
+        for name, value in server_env(smtp_server).items():
+            monkeypatch.setenv(name, value)
         return guide.app
     return remote_twin(guide.app, request.getfixturevalue("guide_node"))
 
 
-@pytest.fixture
-def pandas_importable() -> Iterator[None]:
-    """Put the pandas stand-in on sys.path for this test (worker processes inherit it)."""
-    if not PANDAS_MISSING:
-        yield
-        return
-    sys.path.insert(0, SITE)
-    try:
-        yield
-    finally:
-        sys.path.remove(SITE)
-        stand_in = sys.modules.get("pandas")
-        if stand_in is not None and os.path.dirname(stand_in.__file__ or "") == SITE:
-            del sys.modules["pandas"]
+@pytest.mark.parametrize(
+    "task", [fetch_api_data, send_email, process_csv], ids=lambda t: t.__name__
+)
+def test_the_app_module_has_the_guide_code_as_printed(task: Any) -> None:
+    """The examples that use httpx, aiosmtplib and pandas are the guide's text, to the letter."""
+    source = inspect.getsource(task).rstrip()
+    [block] = [b for _, b in GUIDE_BLOCKS if f"def {task.__name__}(" in b]
+    decorator = block.index("@app.task")
+    assert block[decorator:] == source
+    module_lines = inspect.getsource(guide).splitlines()
+    for line in block[:decorator].splitlines():  # the block's imports
+        assert not line or line in module_lines, line
 
 
 # --------------------------------------------------------------------------- Defining Tasks
@@ -119,7 +125,7 @@ async def test_defining_tasks(app: Flowrra) -> None:
 
 async def test_async_task_fetch_api_data(app: Flowrra) -> None:
     document = {"id": 42, "name": "ünïcode", "tags": ["a", "b"], "nested": {"ok": True}}
-    async with HttpStandIn({"/api/items/42": document}) as http, app:
+    async with HttpServer({"/api/items/42": document}) as http, app:
         task_id = await app.submit(fetch_api_data, http.url("/api/items/42"))
         result = await app.wait_for_result(task_id, timeout=10.0)
     assert result.success, result
@@ -344,31 +350,46 @@ async def test_task_priority_example(app: Flowrra) -> None:
 # --------------------------------------------------------------------------- Examples
 
 
-async def test_send_email(app: Flowrra, smtp_server: SmtpStandIn) -> None:
+async def test_send_email(app: Flowrra, smtp_server: SmtpServer) -> None:
     spec = app.spec_for(send_email)
     assert (spec.max_retries, spec.retry_delay) == (3, 10.0)
-    while not smtp_server.received.empty():  # mail of the other mode's run
-        smtp_server.received.get_nowait()
+    smtp_server.drain()  # mail of the other mode's run
     async with app:
-        task_id = await app.submit(send_email, "alice@example.com", "Hello", "Flowrra sent this.")
-        result = await app.wait_for_result(task_id, timeout=10.0)
+        task_id = await app.submit(
+            send_email,
+            "alice@example.com",
+            "Hello from Flowrra",
+            "Flowrra sent this.\nSecond line.",
+        )
+        result = await app.wait_for_result(task_id, timeout=15.0)
     assert result.status is TaskStatus.SUCCESS, result
     assert result.result == {"sent": True, "to": "alice@example.com"}
     assert result.retries == 0
-    mail = smtp_server.received.get(timeout=5)
+    # The server queues a message before it acknowledges it, so it is there already.
+    mail = smtp_server.received.get_nowait()
+    assert mail.sender == "noreply@example.com"
     assert mail.recipients == ["alice@example.com"]
-    assert mail.message["Subject"] == "Hello"
-    assert mail.message.get_content().strip() == "Flowrra sent this."
+    assert mail.message["To"] == "alice@example.com"
+    assert mail.message["Subject"] == "Hello from Flowrra"
+    assert mail.message.get_content().splitlines() == ["Flowrra sent this.", "Second line."]
+    assert smtp_server.received.empty()  # exactly one message
 
 
-@pytest.mark.usefixtures("pandas_importable")
 async def test_process_csv(app: Flowrra, tmp_path: Path) -> None:
     spec = app.spec_for(process_csv)
     assert spec.cpu_bound and spec.timeout == 300.0
     path = tmp_path / "data.csv"
-    path.write_text("id,name,score\n" + "".join(f"{i},row{i},{i * 0.5}\n" for i in range(1234)))
+    rows = 1234
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "name", "score", "note"])
+        for i in range(rows):
+            # Quoted fields with commas and line breaks: a record is not a line.
+            note = f"line one,\nline two of row {i}" if i % 100 == 0 else "plain"
+            writer.writerow([i, f"rów{i}", i * 0.5, note])
+    assert len(path.read_text(encoding="utf-8").splitlines()) == rows + 1 + 13
     async with app:
         task_id = await app.submit(process_csv, str(path))
-        result = await app.wait_for_result(task_id, timeout=20.0)
+        result = await app.wait_for_result(task_id, timeout=30.0)
     assert result.status is TaskStatus.SUCCESS, result
-    assert result.result == {"rows_processed": 1234}
+    assert result.result == {"rows_processed": rows}
