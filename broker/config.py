@@ -23,6 +23,9 @@ class BrokerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_worker_losses: int = 3  # a task whose node died this often ends FAILED
     expiry_sweep_interval_s: float = 10.0
+    # An attempt of a task with a timeout that no node reported within timeout + this grace
+    # is treated as lost (its node heartbeats but never answers) and runs again.
+    lease_grace_s: float = 30.0
     curve_secret_key: str | None = None  # enables CURVE with the two key directories below
     node_keys: str | None = None
     client_keys: str | None = None

@@ -8,6 +8,7 @@ broker put in its :class:`Outbox`. Methods are verbs on the broker's state, afte
 
 from __future__ import annotations
 
+import heapq
 import logging
 import struct
 import time
@@ -62,6 +63,14 @@ def dead_key(expires_ms: int, task_id: str) -> bytes:
 
 # The holder of a lease recovered from the store, until a node claims it.
 _ORPHAN = b""
+# Bytes of a STATE piece kept for everything but its records; and how many pieces' worth one
+# GET may be answered with (the rest is listed as omitted, and the client asks again).
+_STATE_HEADROOM = 64 * 1024
+_GET_REPLY_PIECES = 4
+# Work one tick takes on before the server defers the rest of what it drained to the next
+# tick (after this one's commit and sends): keeps every tick to a few tens of milliseconds.
+TICK_ITEMS = 5000
+TICK_REPLY_BYTES = 64 * 1024 * 1024
 # Commands whose content does not depend on the store (kept when a commit fails).
 _STATELESS = frozenset(
     bytes([c]) for c in (Command.WELCOME, Command.HEARTBEAT, Command.RECONNECT, Command.ERROR)
@@ -174,6 +183,12 @@ class Broker:
         self._next_housekeeping = 0.0
         self._orphans_until: float | None = None
         self.counters: dict[str, int] = defaultdict(int)
+        # Items handled and reply bytes built in the current tick (see TICK_ITEMS).
+        self.tick_items = 0
+        self.tick_reply_bytes = 0
+        # (deadline, task id, attempt) of attempts with a timeout, earliest first; stale
+        # entries are skipped when they come due.
+        self._deadlines: list[tuple[float, str, int]] = []
         self.finished_per_second = RateWindow(60)
         self.observers: list[BrokerObserver] = []
         # Task ids that a subscriber watches by their own topic (tasks it did not submit).
@@ -206,12 +221,41 @@ class Broker:
         self.store.put(Table.QUEUE, self.queue_key(record.order), entry)
         self.queues.push(record.name, record.priority, record.order)
 
-    def _lease(self, record: TaskRecord, kind: SlotKind, peer: bytes) -> Lease:
+    def _lease(self, record: TaskRecord, kind: SlotKind, peer: bytes, now: float) -> Lease:
         lease_value = _U64.pack(record.attempt) + (record.node_id or "").encode()
         self.store.put(Table.LEASES, record.task_id.encode(), lease_value)
         lease = Lease(record.task_id, record.attempt, kind, peer, record)
         self.leases[record.task_id] = lease
+        self._watch_deadline(record, now)
         return lease
+
+    def _watch_deadline(self, record: TaskRecord, now: float) -> None:
+        """A node must report an attempt of a task with a timeout within timeout + grace."""
+        if record.timeout_s is not None:
+            deadline = now + record.timeout_s + self.config.lease_grace_s
+            heapq.heappush(self._deadlines, (deadline, record.task_id, record.attempt))
+
+    def reclaim_overdue(self, now: float) -> None:
+        """Attempts that outlived their timeout + grace unreported are lost: run them again."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, task_id, attempt = heapq.heappop(deadlines)
+            lease = self.leases.get(task_id)
+            if lease is None or lease.attempt != attempt or lease.node == _ORPHAN:
+                continue
+            node = self.nodes.get(lease.node)
+            log.warning(
+                "task %s#%d was not reported within its timeout and grace; its node %s "
+                "counts as lost for it",
+                task_id,
+                attempt,
+                "?" if node is None else node.node_id,
+            )
+            if node is not None:
+                node.leases.discard(task_id)
+                node.free[lease.kind] += 1
+            self.counters["overdue"] += 1
+            self._requeue_lost(task_id, now, count_loss=True)
 
     def _leased_record(self, lease: Lease) -> TaskRecord | None:
         """The record of a running task, as it is now (loaded once, then cached)."""
@@ -274,7 +318,7 @@ class Broker:
             self.leases[task_id] = lease
             holder = self.nodes.by_node_id(value[8:].decode())
             if holder is not None:  # still connected (recovering from a failed commit)
-                self._attach(lease, holder)
+                self._attach(lease, holder, now)
             running += 1
         for key, _ in self.store.scan(Table.TIMERS):
             self.timers.schedule(_U64.unpack(key[:8])[0], key[8:].decode())
@@ -320,7 +364,7 @@ class Broker:
             node.free = dict(node.slots)
         self.recover(now)  # committed leases go back to their connected nodes
 
-    def _attach(self, lease: Lease, node: NodeState) -> bool:
+    def _attach(self, lease: Lease, node: NodeState, now: float) -> bool:
         """Give an orphaned lease to the node that holds the attempt."""
         record = self._leased_record(lease)
         if record is None:
@@ -330,6 +374,7 @@ class Broker:
         record.node_id = node.node_id
         node.leases.add(lease.task_id)
         node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
+        self._watch_deadline(record, now)
         return True
 
     def requeue_orphans(self, now: float) -> None:
@@ -433,26 +478,65 @@ class Broker:
     def accept(self, peer: bytes, submissions: list[Submission], now: float) -> None:
         """Store and queue submitted tasks; a task id seen before is acknowledged again."""
         acks = self.outbox.acks[peer]
+        self.tick_items += len(submissions)
         for sub in submissions:
-            if self.store.get(Table.TASKS, sub.task_id.encode()) is None:
+            stored = self.store.get(Table.TASKS, sub.task_id.encode())
+            if stored is None:
                 record = TaskRecord.from_submission(sub, self._take_order())
                 self._enqueue(record)  # sets queued_at, saved next
                 self.save(record)
                 self.counters["submitted"] += 1
                 for observer in self.observers:
                     observer.submitted(record.name)
+            elif not TaskRecord.decode(stored).is_call_of(sub):
+                # The same id for another call: refusing it keeps one client (or a typo)
+                # from getting, or giving, another call's result.
+                self.counters["id_conflicts"] += 1
+                acks.append(
+                    [
+                        sub.task_id,
+                        f"task id {sub.task_id!r} is already used by another call "
+                        "(a different task or different arguments)",
+                        protocol.ACK_CONFLICT,
+                    ]
+                )
+                continue
             acks.append([sub.task_id, None])
 
     def answer_get(self, peer: bytes, body: object) -> None:
         if not isinstance(body, list) or len(body) != 2 or not isinstance(body[0], int):
             raise ProtocolError("GET body must be [request_id, [task ids]]")
         request_id = body[0]
-        task_ids = protocol.parse_task_ids(body[1], "GET")
-        records = []
+        # Each id is answered once, in pieces within the message size limit, and in all at
+        # most a few pieces' worth: one small GET cannot make the broker build a huge reply.
+        task_ids = dict.fromkeys(protocol.parse_task_ids(body[1], "GET"))
+        self.tick_items += len(task_ids)
+        limit = self.config.max_message_bytes
+        piece_limit = limit - min(_STATE_HEADROOM, limit // 8)
+        reply_limit = piece_limit * _GET_REPLY_PIECES
+        piece: list[dict[str, Any]] = []
+        omitted: list[str] = []
+        piece_bytes = reply_bytes = 0
         for task_id in task_ids:
+            if reply_bytes >= reply_limit:
+                omitted.append(task_id)
+                continue
             record = self.view(task_id)
-            records.append(None if record is None else record.public())
-        self.outbox.send(peer, Command.STATE, [request_id, records])
+            if record is None:
+                continue
+            cost = record.public_size()
+            # The first record always goes (progress); later ones only within the bound.
+            if reply_bytes and reply_bytes + cost > reply_limit:
+                omitted.append(task_id)
+                continue
+            if piece and piece_bytes + cost > piece_limit:
+                self.outbox.send(peer, Command.STATE, [request_id, piece, True, []])
+                piece, piece_bytes = [], 0
+            piece.append(record.public())
+            piece_bytes += cost
+            reply_bytes += cost
+        self.tick_reply_bytes += reply_bytes
+        self.outbox.send(peer, Command.STATE, [request_id, piece, False, omitted])
 
     def answer_admin(self, peer: bytes, body: object, now: float) -> None:
         request_id, verb, args = protocol.parse_admin(body)
@@ -509,8 +593,10 @@ class Broker:
             if lease is None or lease.attempt != attempt:
                 continue  # the broker moved on; the node's late result will be fenced out
             if lease.node == _ORPHAN:
-                self._attach(lease, node)
-            else:  # it moves over from this node's previous connection
+                self._attach(lease, node, now)
+            elif previous is not None and lease.node == previous.peer:
+                # It moves over from this node's previous connection. Another node's lease
+                # is never taken over: only its holder may complete an attempt.
                 lease.node = peer
                 node.leases.add(task_id)
                 node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
@@ -612,13 +698,13 @@ class Broker:
                     if node.free[kind] > 0 and names:
                         picked = self.queues.pop_best(names)
                         if picked is not None:
-                            self._start_attempt(node, kind, picked[2])
+                            self._start_attempt(node, kind, picked[2], now)
                             took = True
                 if took and node.has_credit():
                     still.append(node)
             nodes = still
 
-    def _start_attempt(self, node: NodeState, kind: SlotKind, order: int) -> None:
+    def _start_attempt(self, node: NodeState, kind: SlotKind, order: int, now: float) -> None:
         key = self.queue_key(order)
         entry = self.store.get(Table.QUEUE, key)
         if entry is None:
@@ -632,7 +718,7 @@ class Broker:
         record.attempt += 1
         record.status = TaskStatus.RUNNING
         record.node_id = node.node_id
-        self._lease(record, kind, node.peer)
+        self._lease(record, kind, node.peer, now)
         for observer in self.observers:
             waited = time.time() - (record.queued_at or record.submitted_at)
             observer.started(record.name, max(0.0, waited))
@@ -649,23 +735,34 @@ class Broker:
     def complete(self, peer: bytes, outcomes: list[Outcome], now: float) -> None:
         """Record attempt outcomes; outcomes of attempts no longer current are ignored."""
         node = self.nodes.touch(peer, now * 1000)
+        self.tick_items += len(outcomes)
         for outcome in outcomes:
             lease = self.leases.get(outcome.task_id)
             if lease is None or lease.attempt != outcome.attempt:
                 self.counters["stale_results"] += 1
                 log.debug("ignored a stale result for %s#%d", outcome.task_id, outcome.attempt)
                 continue
+            if lease.node != peer:
+                # Only the holder of the lease may complete an attempt (an orphan recovered
+                # after a restart is adopted through READY first). A node that reconnected
+                # under a new routing id registers again and then re-sends its outcomes.
+                self.counters["foreign_results"] += 1
+                log.warning(
+                    "refused a result for %s#%d from %s, which does not hold that attempt",
+                    outcome.task_id,
+                    outcome.attempt,
+                    peer.hex(),
+                )
+                continue
             record = self._leased_record(lease)
             self._end_lease(outcome.task_id)
-            holder = node if node is not None and node.peer == lease.node else None
-            holder = holder or self.nodes.get(lease.node)
-            if holder is not None:
-                holder.leases.discard(outcome.task_id)
-                holder.free[lease.kind] += 1
+            if node is not None:
+                node.leases.discard(outcome.task_id)
+                node.free[lease.kind] += 1
                 if outcome.ok:
-                    holder.tasks_done += 1
+                    node.tasks_done += 1
                 else:
-                    holder.tasks_failed += 1
+                    node.tasks_failed += 1
             if record is None:
                 continue
             record.started_at = outcome.started_at
@@ -772,8 +869,14 @@ class Broker:
         if expired:
             log.info("expired %d results", expired)
 
+    @property
+    def tick_is_full(self) -> bool:
+        """The current tick has taken on its share of work: defer further messages."""
+        return self.tick_items >= TICK_ITEMS or self.tick_reply_bytes >= TICK_REPLY_BYTES
+
     def tick(self, now: float) -> None:
         """Time-driven work, then dispatch; called once per loop iteration."""
+        self.tick_items = self.tick_reply_bytes = 0
         if now >= self._next_housekeeping:
             # A few times per heartbeat interval is precise enough and keeps the per-tick
             # cost independent of the number of nodes.
@@ -781,6 +884,7 @@ class Broker:
             if self.enforce_liveness:
                 self.purge_nodes(now)
             self.requeue_orphans(now)
+            self.reclaim_overdue(now)
             self.send_heartbeats(now)
             self.expire_results(now)
         if self.timers:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-MIN_PRIORITY = -(2**31)
-MAX_PRIORITY = 2**31 - 1
+from flowrra.protocol import MAX_PRIORITY, MIN_PRIORITY
+
 _ORDER_BITS = 48
 _ORDER_MASK = (1 << _ORDER_BITS) - 1
 

@@ -107,6 +107,22 @@ class TaskRecord:
         """Append the end of the current attempt to the history."""
         self.history.append([self.attempt, self.node_id, started_at, finished_at, outcome, error])
 
+    def is_call_of(self, sub: Submission) -> bool:
+        """True when ``sub`` is the call this task was submitted as (same task, same
+        arguments): a resubmit of it is idempotent."""
+        return self.name == sub.name and self.payload == sub.payload
+
+    def public_size(self) -> int:
+        """Roughly the encoded size of :meth:`public` (its blobs and texts dominate)."""
+        return (
+            256
+            + len(self.task_id)
+            + len(self.name)
+            + len(self.result or b"")
+            + len(self.error or "")
+            + len(self.traceback or "")
+        )
+
     def public(self) -> dict[str, Any]:
         """The client-facing view (``protocol.RECORD_FIELDS``)."""
         return {

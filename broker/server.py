@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from broker.config import BrokerConfig
@@ -57,12 +58,21 @@ class BrokerService:
         if broker.store.dirty:
             await self._commit()
         self.ready.set()
+        # Drained messages a full tick left for the next one (handled first, in order).
+        deferred: deque[tuple[bytes, list[bytes]]] = deque()
         try:
             while not self._stopping:
-                messages, topics = endpoint.drain(DRAIN_LIMIT)
+                if deferred:
+                    messages, topics = list(deferred), list[bytes]()
+                    deferred.clear()
+                else:
+                    messages, topics = endpoint.drain(DRAIN_LIMIT)
                 now = time.time()
                 handle = broker.handle
-                for peer, frames in messages:
+                for index, (peer, frames) in enumerate(messages):
+                    if broker.tick_is_full:
+                        deferred.extend(messages[index:])
+                        break
                     handle(peer, frames, now)
                 for topic in topics:
                     broker.handle_subscription(topic)

@@ -26,6 +26,7 @@ from flowrra.errors import (
     MessageTooLargeError,
     ProtocolError,
     SubmitRejected,
+    TaskIdConflict,
 )
 from flowrra.protocol import Command, Submission, TaskStatus, Welcome
 from flowrra.transport import Connector, Link, Subscriber, Wakeup
@@ -35,6 +36,12 @@ log = logging.getLogger("flowrra.client")
 # An unacknowledged submit (or unanswered query) is sent again after this long: the broker
 # may have restarted and lost it before committing. Task ids make the resend idempotent.
 RESEND_INTERVAL_S = 1.0
+# A waiter that has heard nothing for this long asks the broker for its task's record: the
+# publication may have been dropped on the way (the broker bounds what it holds for a
+# subscriber, and results are stored). One GET covers every such waiter; a task still
+# running is asked about again after twice the interval, up to the maximum.
+QUIET_REQUERY_S = 2.0
+QUIET_REQUERY_MAX_S = 16.0
 # Final results kept for tasks nobody is waiting on yet (submit now, wait later).
 RESULT_CACHE_SIZE = 50_000
 # Submissions per SUBMIT message: large enough to batch, small enough to stay far below the
@@ -46,12 +53,24 @@ _FINAL = (TaskStatus.SUCCESS.value, TaskStatus.FAILED.value)
 class _AckWait:
     """Acknowledgements still expected for one submit call."""
 
-    __slots__ = ("error", "future", "remaining")
+    __slots__ = ("conflict", "error", "future", "remaining")
 
     def __init__(self, future: asyncio.Future[None], count: int) -> None:
         self.future = future
         self.remaining = count
         self.error: str | None = None
+        self.conflict = False  # the first refusal was a task id taken by another call
+
+
+class _StateWait:
+    """The records found so far for one state query, which may take several GETs."""
+
+    __slots__ = ("found", "future", "pending")
+
+    def __init__(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        self.future = future
+        self.found: dict[str, dict[str, Any]] = {}
+        self.pending = 0  # GETs not answered in full yet
 
 
 class BrokerClient:
@@ -69,7 +88,6 @@ class BrokerClient:
         self.request_timeout_s = request_timeout_s
         self.client_id = os.urandom(protocol.CLIENT_PREFIX_CHARS // 2).hex()
         self._prefix = self.client_id.encode()
-        self._ids = itertools.count(1)
         self._request_ids = itertools.count(1)
         self._wakeup = Wakeup()
         self._link: Link | None = None
@@ -82,12 +100,16 @@ class BrokerClient:
         # grows; a task submitted in the current epoch will have its result pushed.
         self._epoch = 0
         self._acks: dict[str, _AckWait] = {}
-        self._gets: dict[int, asyncio.Future[list[dict[str, Any] | None]]] = {}
+        self._gets: dict[int, _StateWait] = {}
         # What was sent but not answered yet, with when it was (last) sent, for resending.
         self._unacked: dict[str, tuple[list[Any], float]] = {}
         self._unanswered: dict[int, tuple[list[bytes], float]] = {}
         self._admin: dict[int, asyncio.Future[Any]] = {}
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        # Awaited task ids: when to ask the broker about each if nothing arrives, and the
+        # interval after that (QUIET_REQUERY_S); and the query asking, while unanswered.
+        self._quiet: dict[str, tuple[float, float]] = {}
+        self._requery: asyncio.Future[Any] | None = None
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._unresolved: dict[str, int] = {}
         self._outgoing: list[list[Any]] = []
@@ -121,7 +143,11 @@ class BrokerClient:
         except TimeoutError:
             await self.close()
             raise BrokerUnavailable(
-                f"no answer from the broker within {self.connect_timeout_s}s"
+                f"no answer from the broker within {self.connect_timeout_s}s: check that it "
+                "runs at the URL given, and whether it requires CURVE (then pass its public "
+                "key as curve_server_key, with a client key it knows); a CURVE broker does not "
+                "answer peers without the right keys, and a broker without CURVE does not "
+                "answer peers that use it"
             ) from None
         except BaseException:
             await self.close()
@@ -142,7 +168,7 @@ class BrokerClient:
         for wait in self._acks.values():
             if not wait.future.done():
                 wait.future.set_exception(error)
-        for pending in (*self._gets.values(), *self._admin.values()):
+        for pending in (*(s.future for s in self._gets.values()), *self._admin.values()):
             if not pending.done():
                 pending.set_exception(error)
         for waiters in self._waiters.values():
@@ -153,7 +179,9 @@ class BrokerClient:
     # ------------------------------------------------------------------ requests
 
     def new_task_id(self) -> str:
-        return f"{self.client_id}{next(self._ids):016x}"
+        """This session's prefix (public: it is the result topic) and 64 random bits, so
+        that nobody who sees the prefix can guess an id and complete or claim the task."""
+        return self.client_id + os.urandom(8).hex()
 
     @property
     def max_message_bytes(self) -> int:
@@ -191,22 +219,20 @@ class BrokerClient:
                 self._unacked.pop(sub.task_id, None)
             raise
         if wait.error is not None:
-            raise SubmitRejected(wait.error)
+            raise (TaskIdConflict if wait.conflict else SubmitRejected)(wait.error)
 
     async def get(self, task_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """The broker's stored records for ``task_ids`` (None for unknown ids)."""
         self._check_open()
         future = self._request_state(task_ids)
         try:
-            records: list[dict[str, Any] | None] = await self._bounded(
-                future, "answer a state query"
-            )
+            found: dict[str, dict[str, Any]] = await self._bounded(future, "answer a state query")
         finally:
             for request_id, pending in list(self._gets.items()):
-                if pending is future:
+                if pending.future is future:
                     del self._gets[request_id]
                     self._unanswered.pop(request_id, None)
-        return records
+        return [found.get(task_id) for task_id in task_ids]
 
     async def admin(self, verb: str, **args: Any) -> Any:
         """Run an operator command on the broker (``status``, ``inspect``, ``purge``, ...).
@@ -241,6 +267,8 @@ class BrokerClient:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._waiters.setdefault(task_id, []).append(future)
+        if task_id not in self._quiet:
+            self._quiet[task_id] = (loop.time() + QUIET_REQUERY_S, QUIET_REQUERY_S)
         own = task_id.startswith(self.client_id)
         topic = task_id.encode()
         if not own and self._subscriber is not None:
@@ -262,6 +290,7 @@ class BrokerClient:
                     waiters.remove(future)
                 if not waiters:
                     del self._waiters[task_id]
+                    self._quiet.pop(task_id, None)
             if not own and self._subscriber is not None and not self._closed:
                 self._subscriber.unsubscribe(topic)
 
@@ -279,17 +308,23 @@ class BrokerClient:
         finally:
             handle.cancel()
 
-    def _request_state(self, task_ids: Sequence[str]) -> asyncio.Future[list[Any]]:
-        """Ask for stored records; the reply also resolves any waiters on those ids."""
-        loop = asyncio.get_running_loop()
-        request_id = next(self._request_ids)
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        self._gets[request_id] = future
-        frames = protocol.encode(Command.GET, [request_id, list(task_ids)])
-        self._unanswered[request_id] = (frames, loop.time())
-        assert self._link is not None
-        self._link.send(frames)
+    def _request_state(self, task_ids: Sequence[str]) -> asyncio.Future[dict[str, Any]]:
+        """Ask for stored records (found ones, by task id); the reply also resolves any
+        waiters on those ids."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._send_get(_StateWait(future), task_ids)
         return future
+
+    def _send_get(self, wait: _StateWait, task_ids: Sequence[str]) -> None:
+        for start in range(0, len(task_ids), protocol.MAX_ITEMS_PER_MESSAGE):
+            request_id = next(self._request_ids)
+            chunk = list(task_ids[start : start + protocol.MAX_ITEMS_PER_MESSAGE])
+            frames = protocol.encode(Command.GET, [request_id, chunk])
+            self._gets[request_id] = wait
+            wait.pending += 1
+            self._unanswered[request_id] = (frames, asyncio.get_running_loop().time())
+            assert self._link is not None
+            self._link.send(frames)
 
     def _refresh(self, task_ids: Sequence[str]) -> None:
         """Ask for stored records only to resolve waiters (nobody awaits the reply)."""
@@ -334,10 +369,26 @@ class BrokerClient:
             now = loop.time()
             if now >= next_resend:
                 self._resend(now)
+                self._requery_quiet(now)
                 next_resend = now + RESEND_INTERVAL_S
             if not replies and not publications:
-                pending = self._unacked or self._unanswered
+                pending = self._unacked or self._unanswered or self._quiet
                 await wakeup.wait(next_resend - now if pending else None)
+
+    def _requery_quiet(self, now: float) -> None:
+        """Ask, in one query, about the awaited tasks nothing has arrived for in a while."""
+        if self._requery is not None and not self._requery.done():
+            return  # the last one is still unanswered (and re-sent): no pile-up of queries
+        quiet = self._quiet
+        due = [task_id for task_id, (at, _) in quiet.items() if at <= now]
+        if not due:
+            return
+        for task_id in due:
+            interval = min(quiet[task_id][1] * 2, QUIET_REQUERY_MAX_S)
+            quiet[task_id] = (now + interval, interval)
+        log.debug("nothing heard for %d awaited tasks; asking the broker", len(due))
+        self._requery = self._request_state(due)
+        self._requery.add_done_callback(_consume)
 
     def _resend(self, now: float) -> None:
         """Send again what the broker has not answered for a resend interval."""
@@ -391,25 +442,38 @@ class BrokerClient:
             wait = pending.pop(ack.task_id, None)
             if wait is None:
                 continue  # a duplicate acknowledgement
-            if ack.error is not None:
-                wait.error = wait.error or f"task {ack.task_id}: {ack.error}"
+            if ack.error is not None and wait.error is None:
+                wait.error = f"task {ack.task_id}: {ack.error}"
+                wait.conflict = ack.code == protocol.ACK_CONFLICT
                 self._unresolved.pop(ack.task_id, None)
             wait.remaining -= 1
             if wait.remaining == 0 and not wait.future.done():
                 wait.future.set_result(None)
 
     def _on_state(self, body: object) -> None:
-        if not isinstance(body, list) or len(body) != 2 or not isinstance(body[1], list):
-            raise ProtocolError("STATE body must be [request_id, [records]]")
-        request_id, raw_records = body
-        records = [None if r is None else protocol.parse_record(r) for r in raw_records]
+        request_id, raw_records, more, omitted = protocol.parse_state(body)
+        records = [protocol.parse_record(r) for r in raw_records]
         for record in records:
-            if record is not None and record["status"] in _FINAL:
+            if record["status"] in _FINAL:
                 self._deliver(record)
+        wait = self._gets.get(request_id)
+        if wait is None:
+            self._unanswered.pop(request_id, None)
+            return
+        for record in records:
+            wait.found[record["task_id"]] = record
+        if more:  # further pieces follow: the request is being answered, do not resend it
+            entry = self._unanswered.get(request_id)
+            if entry is not None:
+                self._unanswered[request_id] = (entry[0], asyncio.get_running_loop().time())
+            return
+        del self._gets[request_id]
         self._unanswered.pop(request_id, None)
-        future = self._gets.pop(request_id, None)
-        if future is not None and not future.done():
-            future.set_result(records)
+        wait.pending -= 1
+        if omitted:  # the reply reached the broker's size bound: ask for the rest
+            self._send_get(wait, omitted)
+        elif wait.pending == 0 and not wait.future.done():
+            wait.future.set_result(wait.found)
 
     def _on_publication(self, frames: list[bytes]) -> None:
         if len(frames) < 3:

@@ -37,6 +37,13 @@ class SubmitRejected(FlowrraError):
     task_ids: list[str] | None = None
 
 
+class TaskIdConflict(SubmitRejected):
+    """The task id is already used by a different call (another task or other arguments).
+
+    Submitting the same call again under its id is idempotent; another call is refused.
+    """
+
+
 class AdminError(FlowrraError):
     """The broker refused an operator command (the message says why)."""
 

@@ -48,6 +48,19 @@ CLIENT_PREFIX_CHARS: Final = 16
 MAX_TASK_ID_CHARS: Final = 200
 MAX_TASK_ID_BYTES: Final = 200
 
+# Limits of a task's options, checked at decoration, at submit and by the broker (one place).
+MIN_PRIORITY: Final = -(2**31)
+MAX_PRIORITY: Final = 2**31 - 1
+MAX_RETRIES: Final = 1000
+MAX_TASK_NAME_CHARS: Final = 500
+
+# Longest error message and traceback an outcome carries (longer ones are cut).
+MAX_ERROR_TEXT_CHARS: Final = 32 * 1024
+
+# Most items one SUBMIT or GET may carry: bounds the work of one message, so that no peer
+# can stall a broker tick (clients send at most 1,000 per message).
+MAX_ITEMS_PER_MESSAGE: Final = 5000
+
 # msgpack extension type code for the one non-native value Flowrra carries.
 _EXT_DATETIME: Final = 1
 
@@ -115,6 +128,11 @@ class SlotKind(enum.StrEnum):
 def _default(obj: object) -> msgpack.ExtType:
     if isinstance(obj, _dt.datetime):
         return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, int):  # msgpack hands over only the integers it cannot hold
+        raise SerializationError(
+            f"integer {obj} is out of range: msgpack carries integers from -2**63 to 2**64 - 1 "
+            "(send larger ones as a str)"
+        )
     raise SerializationError(
         f"cannot send a value of type {type(obj).__qualname__!r}: Flowrra carries msgpack "
         "values only (None, bool, int, float, str, bytes, list, tuple, dict, datetime)"
@@ -323,7 +341,12 @@ def split_submit(body: object) -> tuple[list[Submission], list[tuple[str, str]]]
     """
     valid: list[Submission] = []
     rejected: list[tuple[str, str]] = []
-    for item in _list_body(body, "SUBMIT"):
+    items = _list_body(body, "SUBMIT")
+    _expect(
+        len(items) <= MAX_ITEMS_PER_MESSAGE,
+        f"SUBMIT carries more than {MAX_ITEMS_PER_MESSAGE} items",
+    )
+    for item in items:
         _expect(isinstance(item, list) and len(item) == 8, "SUBMIT item must have 8 fields")
         _expect(isinstance(item[0], str), "SUBMIT item must start with a task id")
         try:
@@ -340,12 +363,12 @@ def _submission(item: list[Any]) -> Submission:
         type(task_id) is str
         and 0 < len(task_id) <= MAX_TASK_ID_CHARS
         and type(name) is str
-        and 0 < len(name) <= 500
+        and 0 < len(name) <= MAX_TASK_NAME_CHARS
         and type(priority) is int
-        and -(2**31) <= priority < 2**31
+        and MIN_PRIORITY <= priority <= MAX_PRIORITY
         and type(payload) is bytes
         and type(max_retries) is int
-        and 0 <= max_retries <= 1000
+        and 0 <= max_retries <= MAX_RETRIES
         and _is_number(retry_delay)
         and retry_delay >= 0
         and (timeout is None or (_is_number(timeout) and timeout > 0))
@@ -364,10 +387,10 @@ def _submission(item: list[Any]) -> Submission:
         )
     _expect(isinstance(task_id, str) and 0 < len(task_id) <= MAX_TASK_ID_CHARS, "bad task id")
     _expect(len(task_id.encode()) <= MAX_TASK_ID_BYTES, "task id longer than 200 bytes")
-    _expect(isinstance(name, str) and 0 < len(name) <= 500, "bad task name")
-    _expect(_is_int(priority) and -(2**31) <= priority < 2**31, "bad priority")
+    _expect(isinstance(name, str) and 0 < len(name) <= MAX_TASK_NAME_CHARS, "bad task name")
+    _expect(_is_int(priority) and MIN_PRIORITY <= priority <= MAX_PRIORITY, "bad priority")
     _expect(isinstance(payload, bytes), "payload must be bytes")
-    _expect(_is_int(max_retries) and 0 <= max_retries <= 1000, "bad max_retries")
+    _expect(_is_int(max_retries) and 0 <= max_retries <= MAX_RETRIES, "bad max_retries")
     _expect(_is_number(retry_delay) and retry_delay >= 0, "bad retry_delay")
     _expect(_optional_number(timeout) and (timeout is None or timeout > 0), "bad timeout")
     _expect(_is_number(submitted_at), "bad submitted_at")
@@ -376,6 +399,10 @@ def _submission(item: list[Any]) -> Submission:
 
 def parse_task_ids(body: object, command: str) -> list[str]:
     ids = _list_body(body, command)
+    _expect(
+        len(ids) <= MAX_ITEMS_PER_MESSAGE,
+        f"{command} carries more than {MAX_ITEMS_PER_MESSAGE} ids",
+    )
     for task_id in ids:
         _expect(isinstance(task_id, str), f"{command} items must be task ids")
     return ids
@@ -423,7 +450,38 @@ class ErrorInfo(NamedTuple):
 
     @classmethod
     def from_exception(cls, exc: BaseException, traceback: str | None = None) -> ErrorInfo:
-        return cls(type(exc).__qualname__, str(exc), traceback)
+        """The exception as it travels; never raises, whatever ``__str__`` does."""
+        try:
+            message = str(exc)
+        except Exception:  # a task's exception class may have a broken __str__
+            message = f"<unprintable {type(exc).__qualname__} object>"
+        return cls.safe(type(exc).__qualname__, message, traceback)
+
+    @classmethod
+    def safe(cls, exc_type: object, message: object, traceback: object = None) -> ErrorInfo:
+        """An ErrorInfo whose texts always encode (msgpack refuses lone surrogates) and stay
+        within :data:`MAX_ERROR_TEXT_CHARS` (a traceback keeps its end, where the error is)."""
+        text = safe_text(message)
+        if len(text) > MAX_ERROR_TEXT_CHARS:
+            text = text[:MAX_ERROR_TEXT_CHARS] + " [truncated]"
+        trace = None if traceback is None else safe_text(traceback)
+        if trace is not None and len(trace) > MAX_ERROR_TEXT_CHARS:
+            trace = "[truncated]\n" + trace[-MAX_ERROR_TEXT_CHARS:]
+        return cls(safe_text(exc_type)[:MAX_TASK_NAME_CHARS], text, trace)
+
+
+def safe_text(value: object) -> str:
+    """``value`` as a str that encodes as UTF-8 (lone surrogates become escapes)."""
+    if type(value) is not str:
+        try:
+            value = str(value)
+        except Exception:
+            return "<unprintable value>"
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode()
+    return value
 
 
 class Outcome(NamedTuple):
@@ -565,25 +623,48 @@ def parse_welcome(body: object) -> Welcome:
     return welcome
 
 
+def parse_state(body: object) -> tuple[int, list[Any], bool, list[str]]:
+    """``[request_id, [record, ...], more, [omitted id, ...]]`` of a STATE piece.
+
+    A GET is answered by one or more STATE pieces, each within the message size limit;
+    ``more`` is true on all but the last. Unknown ids are absent; ``omitted`` (last piece
+    only) lists ids whose records did not fit in the reply's bound: ask for them again.
+    """
+    items = _list_body(body, "STATE")
+    _expect(len(items) == 4, "STATE body must be [request_id, records, more, omitted]")
+    request_id, records, more, omitted = items
+    _expect(_is_int(request_id), "bad STATE request id")
+    _expect(isinstance(records, list), "STATE records must be a list")
+    _expect(isinstance(more, bool), "STATE more must be a bool")
+    return request_id, records, more, parse_task_ids(omitted, "STATE")
+
+
+# The code an ACK carries when a task id is already taken by another call.
+ACK_CONFLICT: Final = "conflict"
+
+
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The broker's verdict on one submitted task: ``error`` is None when accepted."""
+    """The broker's verdict on one submitted task: ``error`` is None when accepted.
+
+    ``code`` classifies a refusal for the client (:data:`ACK_CONFLICT`), or is None.
+    """
 
     task_id: str
     error: str | None
+    code: str | None = None
 
 
 def parse_ack(body: object) -> list[Ack]:
     out: list[Ack] = []
     for item in _list_body(body, "ACK"):
-        _expect(isinstance(item, list) and len(item) == 2, "bad ACK item")
+        _expect(isinstance(item, list) and len(item) in (2, 3), "bad ACK item")
         _expect(isinstance(item[0], str), "bad ACK task id")
         _expect(item[1] is None or isinstance(item[1], str), "bad ACK error")
-        out.append(Ack(item[0], item[1]))
+        code = item[2] if len(item) == 3 else None
+        _expect(code is None or isinstance(code, str), "bad ACK code")
+        out.append(Ack(item[0], item[1], code))
     return out
-
-
-ADMIN_VERBS: Final = ("status", "inspect", "tasks", "purge", "dead_list", "dead_retry")
 
 
 def parse_admin(body: object) -> tuple[int, str, dict[str, Any]]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from flowrra import protocol
 from flowrra.protocol import SlotKind
 
 _MAIN_MODULES = ("__main__", "__mp_main__")
@@ -93,8 +94,14 @@ def make_spec(
             f"{fn.__qualname__} is defined inside another function; cpu_bound tasks must be "
             "module-level functions so worker processes can import them"
         )
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+    if (
+        isinstance(max_retries, bool)
+        or not isinstance(max_retries, int)
+        or not 0 <= max_retries <= protocol.MAX_RETRIES
+    ):
+        raise ValueError(
+            f"max_retries must be an int from 0 to {protocol.MAX_RETRIES}, got {max_retries!r}"
+        )
     if not _finite_number(retry_delay) or retry_delay < 0:
         raise ValueError(f"retry_delay must be a number >= 0, got {retry_delay!r}")
     if priority is None:
@@ -104,8 +111,13 @@ def make_spec(
         raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError(f"name must be a non-empty string, got {name!r}")
+    name = name or default_task_name(fn)
+    if len(name) > protocol.MAX_TASK_NAME_CHARS:
+        raise ValueError(
+            f"task name {name[:40]!r}... is longer than {protocol.MAX_TASK_NAME_CHARS} characters"
+        )
     return TaskSpec(
-        name=name or default_task_name(fn),
+        name=name,
         fn=fn,
         max_retries=max_retries,
         retry_delay=float(retry_delay),
@@ -122,7 +134,7 @@ def check_priority(priority: object) -> None:
         return
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise TypeError(f"priority must be an int, got {priority!r}")
-    if not -(2**31) <= priority < 2**31:
+    if not protocol.MIN_PRIORITY <= priority <= protocol.MAX_PRIORITY:
         raise ValueError(f"priority must fit in 32 bits (-2**31 to 2**31-1), got {priority}")
 
 

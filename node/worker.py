@@ -222,6 +222,13 @@ class Node:
                 if now - heard > expiry:
                     # Once per outage at WARNING; the retries after it only at DEBUG.
                     level = logging.DEBUG if self._reconnecting else logging.WARNING
+                    if self._registrations == 0 and not self._reconnecting:
+                        log.warning(
+                            "no answer from the broker at %s: check that it runs there and "
+                            "whether it requires CURVE (the broker's public key and this "
+                            "node's key must match what it expects)",
+                            getattr(self.connector, "broker_url", "?"),
+                        )
                     log.log(level, "broker silent for %.1fs; reconnecting", now - heard)
                     self._reconnecting = True
                     return
@@ -266,11 +273,12 @@ class Node:
                 del self._running[dispatch.task_id]
             raise
         except RemoteTaskError as exc:
-            error = ErrorInfo(exc.exc_type, exc.message, exc.traceback)
+            error = ErrorInfo.safe(exc.exc_type, exc.message, exc.traceback)
         except TaskTimeoutError as exc:
             error = ErrorInfo("TaskTimeoutError", str(exc), None)
-        except Exception as exc:
-            error = ErrorInfo.from_exception(exc, traceback.format_exc())
+        except BaseException as exc:  # SystemExit from a task is its failure, not ours
+            # Never raises (a broken __str__, lone surrogates): the slot is always given back.
+            error = ErrorInfo.from_exception(exc, _format_traceback())
         limit = self._max_message_bytes - min(OUTCOME_HEADROOM, self._max_message_bytes // 8)
         if value is not None and len(value) > limit:
             error = ErrorInfo(
@@ -336,19 +344,34 @@ class Node:
 
     def _send_outcomes(self, outcomes: list[list[Any]]) -> None:
         """RESULTS messages no larger than the broker accepts (it drops bigger ones)."""
-        assert self._link is not None
         limit = self._max_message_bytes
         batch: list[list[Any]] = []
         size = 0
         for outcome in outcomes:
             cost = _outcome_size(outcome)
             if batch and size + cost > limit:
-                self._link.send(protocol.encode(Command.RESULTS, batch))
+                self._send_results(batch)
                 batch, size = [], 0
             batch.append(outcome)
             size += cost
         if batch:
-            self._link.send(protocol.encode(Command.RESULTS, batch))
+            self._send_results(batch)
+
+    def _send_results(self, batch: list[list[Any]]) -> None:
+        assert self._link is not None
+        try:
+            frames = protocol.encode(Command.RESULTS, batch)
+        except Exception:
+            # One outcome that cannot be encoded must not cost the others theirs: encode
+            # them one by one and report each bad one as a failure with a safe text.
+            for index, outcome in enumerate(batch):
+                try:
+                    protocol.encode(Command.RESULTS, [outcome])
+                except Exception as exc:
+                    log.exception("outcome of %s could not be encoded", outcome[0])
+                    batch[index] = _unencodable(outcome, exc)
+            frames = protocol.encode(Command.RESULTS, batch)
+        self._link.send(frames)
 
     def _resend_recent(self) -> None:
         if self._recent and self._link is not None:
@@ -366,6 +389,22 @@ class Node:
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
         log.info("node %s stopped", self.node_id)
+
+
+def _format_traceback() -> str | None:
+    try:
+        return traceback.format_exc()
+    except Exception:
+        return None
+
+
+def _unencodable(outcome: list[Any], exc: Exception) -> list[Any]:
+    """A failed outcome in place of one that could not be encoded (same task and attempt)."""
+    error = ErrorInfo.safe(
+        "SerializationError", f"the attempt's outcome could not be encoded: {exc}", None
+    )
+    task_id, attempt, _, _, started_at, finished_at = outcome
+    return Outcome(task_id, attempt, None, error, started_at, finished_at).to_wire()
 
 
 def _outcome_size(outcome: list[Any]) -> int:

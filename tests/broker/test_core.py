@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from broker.store import LmdbStore, Table
 from broker.timers import MAX_BACKOFF_S
 from flowrra.protocol import (
+    ACK_CONFLICT,
     HEADER,
     MAGIC,
     Command,
@@ -88,13 +89,36 @@ def test_acks_are_batched_per_peer(h: Harness) -> None:
 def test_a_repeated_task_id_is_acked_but_not_queued_twice(h: Harness) -> None:
     h.submit(submission("t1"))
     h.broker.store.commit()
-    h.submit(submission("t1", name="other.name", priority=9))
+    h.submit(submission("t1", priority=9, submitted_at=2.0))  # the same call, sent again
     h.submit(submission("t1"), submission("t1"))  # also within one message
     acks = [a for _, m in h.replies(Command.ACK) for a in parse_ack(m.body)]
     assert [(a.task_id, a.error) for a in acks] == [("t1", None)] * 4
     assert len(h.broker.queues) == 1
     assert h.broker.counters["submitted"] == 1
-    assert h.record("t1").name == "jobs.work"  # the first submission wins
+    assert h.record("t1").priority == 0  # the first submission wins
+
+
+@pytest.mark.parametrize("other", [{"name": "other.name"}, {"payload": pack_args([500, 500], {})}])
+def test_another_call_under_a_known_task_id_is_refused(h: Harness, other: dict[str, Any]) -> None:
+    h.submit(submission("t1"))
+    h.broker.store.commit()
+    h.submit(submission("t1", **other))
+    h.submit(submission("t1", **other), submission("t2"))  # also before the commit...
+    h.submit(submission("t3"), submission("t3", **other))  # ...and within one message
+    acks = [a for _, m in h.replies(Command.ACK) for a in parse_ack(m.body)]
+    verdicts = [(a.task_id, a.code) for a in acks]
+    assert verdicts == [
+        ("t1", None),
+        ("t1", ACK_CONFLICT),
+        ("t1", ACK_CONFLICT),
+        ("t2", None),
+        ("t3", None),
+        ("t3", ACK_CONFLICT),
+    ]
+    assert all("already used by another call" in (a.error or "") for a in acks if a.code)
+    assert h.broker.counters["id_conflicts"] == 3
+    assert h.record("t1").name == "jobs.work"
+    assert len(h.broker.queues) == 3
 
 
 def test_a_repeated_id_within_one_tick_before_commit(h: Harness) -> None:
@@ -118,12 +142,12 @@ def test_resubmitting_a_finished_task_does_not_run_it_again(h: Harness) -> None:
 def test_get_answers_state_with_records_and_none(h: Harness) -> None:
     h.submit(submission("t1"))
     h.take()
-    h.send(CLIENT, Command.GET, [7, ["t1", "missing"]])
+    h.send(CLIENT, Command.GET, [7, ["t1", "missing", "t1"]])
     ((peer, message),) = h.replies()
     assert peer == CLIENT and message.command is Command.STATE
-    request_id, records = message.body
-    assert request_id == 7
-    assert records[1] is None
+    request_id, records, more, omitted = message.body
+    assert request_id == 7 and more is False and omitted == []
+    assert len(records) == 1  # unknown ids are absent, and a repeated id is answered once
     record = parse_record(records[0])
     assert record["task_id"] == "t1" and record["status"] == "pending"
     assert record["task_name"] == "jobs.work" and record["retries"] == 0
@@ -133,7 +157,28 @@ def test_get_answers_state_with_records_and_none(h: Harness) -> None:
 def test_get_with_no_ids(h: Harness) -> None:
     h.send(CLIENT, Command.GET, [1, []])
     ((_, message),) = h.replies()
-    assert message.body == [1, []]
+    assert message.body == [1, [], False, []]
+
+
+def test_a_get_reply_is_split_within_the_message_limit_and_bounded() -> None:
+    h = Harness(max_message_bytes=1024 * 1024)
+    h.ready(NODE_A, async_slots=20)
+    ids = [f"big{i}" for i in range(20)]
+    h.submit(*(submission(task_id) for task_id in ids))
+    h.tick()
+    for task_id in ids:
+        h.result(NODE_A, task_id, 1, "x" * 300_000)
+    h.take()
+    h.send(CLIENT, Command.GET, [3, [*ids, *ids, "missing"]])
+    pieces = [m.body for _, m in h.replies(Command.STATE)]
+    assert all(len(encode(Command.STATE, body)[2]) <= 1024 * 1024 for body in pieces)
+    assert [body[2] for body in pieces] == [True] * (len(pieces) - 1) + [False]
+    answered = [parse_record(r)["task_id"] for body in pieces for r in body[1]]
+    omitted = pieces[-1][3]
+    # A few pieces' worth at most; the rest is listed as omitted, in order, and nothing twice.
+    assert 0 < len(answered) < len(ids)
+    assert answered + omitted == ids
+    assert len(pieces) <= 5  # four pieces of records at most, and the closing one
 
 
 @pytest.mark.parametrize(
@@ -813,7 +858,7 @@ def test_a_node_reclaims_its_running_task_after_a_restart(tmp_path: Path) -> Non
     h2.broker.store.close()
 
 
-def test_an_orphan_outcome_reported_without_reregistering_counts(tmp_path: Path) -> None:
+def test_an_orphan_outcome_counts_once_its_node_registered_again(tmp_path: Path) -> None:
     path = tmp_path / "store"
     h = Harness(LmdbStore(path))
     h.submit(submission("t1"))
@@ -824,6 +869,13 @@ def test_an_orphan_outcome_reported_without_reregistering_counts(tmp_path: Path)
 
     h2 = Harness(LmdbStore(path))
     h2.broker.recover(h2.now)
+    # Before READY nobody holds the recovered attempt, so nobody may complete it...
+    h2.result(NODE_A, "t1", 1, "done meanwhile")
+    assert h2.record("t1").status is TaskStatus.RUNNING
+    assert h2.broker.counters["foreign_results"] == 1
+    assert [m.command for _, m in h2.replies()] == [Command.RECONNECT]
+    # ...the node registers again, claiming the attempt, and re-sends its outcome.
+    h2.ready(NODE_A, running=[("t1", 1)])
     h2.result(NODE_A, "t1", 1, "done meanwhile")
     assert h2.record("t1").status is TaskStatus.SUCCESS
     h2.broker.store.close()

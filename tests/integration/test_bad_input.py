@@ -237,7 +237,7 @@ def test_get_with_empty_task_id_is_answered(
 ) -> None:
     dealer.send_multipart(encode(Command.GET, [7, [""]]))
     reply = decode(receive(dealer, broker))
-    assert reply.command is Command.STATE and reply.body == [7, [None]]
+    assert reply.command is Command.STATE and reply.body == [7, [], False, []]
     assert broker.process.running
 
 
