@@ -107,3 +107,20 @@ def cpu_suicide(marker_dir: str) -> None:
 def cpu_pid() -> dict[str, int]:
     """The worker process that ran this and its parent (the node)."""
     return {"pid": os.getpid(), "ppid": os.getppid()}
+
+
+class UnprintableError(Exception):
+    """An exception whose ``__str__`` itself raises (as some library exceptions do)."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken")
+
+
+@app.task(max_retries=0)
+async def raise_unprintable() -> None:
+    raise UnprintableError()
+
+
+@app.task(max_retries=0)
+async def raise_surrogate() -> None:
+    raise ValueError("bad text: \ud800")  # a lone surrogate: not encodable as UTF-8

@@ -15,6 +15,7 @@ from flowrra.protocol import (
     ACK_CONFLICT,
     HEADER,
     MAGIC,
+    MAX_ITEMS_PER_MESSAGE,
     Command,
     Dispatch,
     ErrorInfo,
@@ -1019,3 +1020,59 @@ def test_early_dispatches_follow_the_nodes_welcome(h: Harness) -> None:
     assert early == [(NODE_A, Command.WELCOME), (NODE_A, Command.TASKS)]
     messages, _ = h.take()  # what is left waits for the commit: the client's ACK
     assert [m.command for _, m in messages] == [Command.ACK]
+
+
+# --------------------------------------------------------------------------- hostile limits
+
+
+def test_an_attempt_nobody_reports_within_timeout_and_grace_runs_again() -> None:
+    h = Harness(lease_grace_s=5.0, max_worker_losses=2)
+    h.ready(NODE_A)
+    h.submit(submission("t1", timeout_s=2.0))
+    h.tick()
+    assert ids(h.dispatched()[NODE_A]) == ["t1"]
+    # The node keeps heartbeating but never reports the attempt.
+    for _ in range(int(6.5 / STEP)):
+        h.send(NODE_A, Command.HEARTBEAT)
+        h.tick(h.now + STEP)
+    assert h.broker.view("t1").status is TaskStatus.RUNNING  # type: ignore[union-attr]
+    h.send(NODE_A, Command.HEARTBEAT)
+    h.tick(h.now + 0.8)  # past 2 s + 5 s: lost, counted, and dispatched again
+    assert h.broker.counters["overdue"] == 1
+    (again,) = h.dispatched()[NODE_A]
+    assert again.task_id == "t1" and again.attempt == 2
+    assert h.broker.nodes.get(NODE_A).free[SlotKind.ASYNC] == 0  # type: ignore[union-attr]
+    h.result(NODE_A, "t1", 1, "late")  # the first attempt's late result is fenced out
+    assert h.broker.view("t1").status is TaskStatus.RUNNING  # type: ignore[union-attr]
+    h.tick(h.now + 7.5)  # lost again: the worker-loss limit ends it
+    record = h.record("t1")
+    assert record.status is TaskStatus.FAILED and record.worker_losses == 2
+    assert "WorkerLostError" in (record.error or "")
+
+
+def test_a_task_without_timeout_is_never_reclaimed_from_a_live_node() -> None:
+    h = Harness(lease_grace_s=1.0)
+    h.ready(NODE_A)
+    h.submit(submission("t1"))
+    h.tick()
+    for _ in range(100):
+        h.send(NODE_A, Command.HEARTBEAT)
+        h.tick(h.now + STEP)
+    assert h.broker.counters["overdue"] == 0
+    assert h.broker.view("t1").status is TaskStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_a_submit_with_too_many_items_is_dropped_whole(h: Harness) -> None:
+    items = [submission(f"t{i}").to_wire() for i in range(MAX_ITEMS_PER_MESSAGE + 1)]
+    h.send(CLIENT, Command.SUBMIT, items)
+    assert h.replies() == [] and len(h.broker.queues) == 0
+    assert h.broker.counters["malformed"] == 1
+
+
+def test_a_tick_fills_up_and_starts_empty(h: Harness) -> None:
+    items = [submission(f"t{i}").to_wire() for i in range(MAX_ITEMS_PER_MESSAGE)]
+    assert not h.broker.tick_is_full
+    h.send(CLIENT, Command.SUBMIT, items)
+    assert h.broker.tick_is_full  # the server defers further messages to the next tick
+    h.tick()
+    assert not h.broker.tick_is_full

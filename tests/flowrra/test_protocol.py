@@ -742,3 +742,57 @@ def test_parsers_only_raise_protocol_error_on_random_bodies(body: Any) -> None:
 @given(body=_near_valid_bodies())
 def test_parsers_only_raise_protocol_error_on_near_valid_bodies(body: Any) -> None:
     _check_parsers(body)
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def test_an_integer_out_of_range_says_so() -> None:
+    with pytest.raises(
+        SerializationError, match=r"integer 1267650600228229401496703205376 is out of range"
+    ):
+        protocol.pack_value([2**100])
+    with pytest.raises(SerializationError, match="out of range"):
+        protocol.pack_args([], {"n": -(2**64)})
+
+
+def test_error_info_survives_a_broken_str_and_lone_surrogates() -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    info = protocol.ErrorInfo.from_exception(Unprintable(), "tb \ud800")
+    assert info.message.startswith("<unprintable ") and info.message.endswith("Unprintable object>")
+    surrogate = protocol.ErrorInfo.from_exception(ValueError("x\ud800y"))
+    assert surrogate.message == "x\\ud800y" and info.traceback == "tb \\ud800"
+    encode(Command.RESULTS, [["t", 1, None, list(info), 0.0, 0.0]])  # encodes
+
+
+def test_error_texts_are_bounded() -> None:
+    limit = protocol.MAX_ERROR_TEXT_CHARS
+    info = protocol.ErrorInfo.safe("E", "m" * (limit + 10), "line\n" * limit)
+    assert len(info.message) <= limit + 20 and info.message.endswith("[truncated]")
+    assert info.traceback is not None and info.traceback.startswith("[truncated]")
+    assert len(info.traceback) <= limit + 20
+
+
+def test_ack_items_may_carry_a_code() -> None:
+    acks = protocol.parse_ack([["a", None], ["b", "taken", protocol.ACK_CONFLICT]])
+    assert [(a.task_id, a.error, a.code) for a in acks] == [
+        ("a", None, None),
+        ("b", "taken", "conflict"),
+    ]
+    with pytest.raises(ProtocolError):
+        protocol.parse_ack([["b", "taken", 7]])
+
+
+def test_state_pieces() -> None:
+    assert protocol.parse_state([1, [], False, ["x"]]) == (1, [], False, ["x"])
+    for bad in ([1, []], [1, [], "no", []], ["1", [], False, []], [1, {}, False, []]):
+        with pytest.raises(ProtocolError):
+            protocol.parse_state(bad)
+
+
+def test_get_and_submit_carry_a_bounded_number_of_items() -> None:
+    with pytest.raises(ProtocolError, match="more than"):
+        protocol.parse_task_ids(["t"] * (protocol.MAX_ITEMS_PER_MESSAGE + 1), "GET")
