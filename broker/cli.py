@@ -103,26 +103,50 @@ def _start_metrics(bind: str, host: str | None, port: int) -> BrokerMetrics:
     return metrics
 
 
+# Every default below is BrokerConfig's: one source of truth for the CLI and the library.
+_DEFAULTS = BrokerConfig()
+
+
 @click.command(context_settings={"auto_envvar_prefix": "FLOWRRA", "show_default": True})
-@click.option("--bind", default="tcp://127.0.0.1:5555", help="ROUTER endpoint to bind.")
+@click.option("--bind", default=_DEFAULTS.bind, help="ROUTER endpoint to bind.")
 @click.option("--publish", default=None, help="Result PUB endpoint (default: bind port + 1).")
 @click.option(
     "--advertise-publish",
     default=None,
     help="Publish endpoint clients are told to connect to (default: the bound one).",
 )
-@click.option("--data-dir", default="./flowrra-data", help="Directory of the LMDB store.")
+@click.option("--data-dir", default=_DEFAULTS.data_dir, help="Directory of the LMDB store.")
 @click.option(
     "--durability",
     type=click.Choice([d.value for d in Durability]),
-    default=Durability.FULL.value,
+    default=_DEFAULTS.durability.value,
     help="full: fsync every commit; fast: no fsync (survives a killed process only).",
 )
-@click.option("--heartbeat-ms", default=1000, type=click.IntRange(min=10))
-@click.option("--liveness", default=3, type=click.IntRange(min=1), help="Missed heartbeats.")
-@click.option("--result-ttl", default=86400.0, type=click.FloatRange(min=1), help="Seconds.")
-@click.option("--max-message-bytes", default=16 * 1024 * 1024, type=click.IntRange(min=65536))
-@click.option("--max-worker-losses", default=3, type=click.IntRange(min=1))
+@click.option(
+    "--heartbeat-ms", default=_DEFAULTS.heartbeat_interval_ms, type=click.IntRange(min=10)
+)
+@click.option(
+    "--liveness",
+    default=_DEFAULTS.heartbeat_liveness,
+    type=click.IntRange(min=1),
+    help="Missed heartbeats.",
+)
+@click.option(
+    "--result-ttl", default=_DEFAULTS.result_ttl_s, type=click.FloatRange(min=1), help="Seconds."
+)
+@click.option(
+    "--max-message-bytes", default=_DEFAULTS.max_message_bytes, type=click.IntRange(min=65536)
+)
+@click.option(
+    "--max-worker-losses", default=_DEFAULTS.max_worker_losses, type=click.IntRange(min=1)
+)
+@click.option(
+    "--lease-grace",
+    default=_DEFAULTS.lease_grace_s,
+    type=click.FloatRange(min=0),
+    help="Seconds past a task's timeout after which an attempt its node never reported "
+    "counts as lost and runs again.",
+)
 @click.option(
     "--curve-secret-key",
     type=click.Path(exists=True, dir_okay=False),
@@ -164,6 +188,7 @@ def main(
     result_ttl: float,
     max_message_bytes: int,
     max_worker_losses: int,
+    lease_grace: float,
     curve_secret_key: str | None,
     node_keys: str | None,
     client_keys: str | None,
@@ -185,6 +210,7 @@ def main(
         result_ttl_s=result_ttl,
         max_message_bytes=max_message_bytes,
         max_worker_losses=max_worker_losses,
+        lease_grace_s=lease_grace,
         curve_secret_key=curve_secret_key,
         node_keys=node_keys,
         client_keys=client_keys,

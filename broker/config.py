@@ -5,14 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.store import Durability
-from flowrra.protocol import HEARTBEAT_INTERVAL_MS, HEARTBEAT_LIVENESS, MAX_MESSAGE_BYTES
+from flowrra.protocol import (
+    DEFAULT_BROKER_URL,
+    HEARTBEAT_INTERVAL_MS,
+    HEARTBEAT_LIVENESS,
+    MAX_MESSAGE_BYTES,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """Everything a broker needs to run."""
 
-    bind: str = "tcp://127.0.0.1:5555"
+    bind: str = DEFAULT_BROKER_URL
     publish: str | None = None  # default: the bind port + 1
     advertise_publish: str | None = None  # what clients are told to connect to, if not `publish`
     data_dir: str | None = "./flowrra-data"  # None keeps state in memory (embedded default)

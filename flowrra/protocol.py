@@ -37,6 +37,9 @@ HEARTBEAT_INTERVAL_MS: Final = 1000
 HEARTBEAT_LIVENESS: Final = 3
 HEARTBEAT_EXPIRY_MS: Final = HEARTBEAT_INTERVAL_MS * HEARTBEAT_LIVENESS
 
+# Where a broker listens, and clients and nodes look for it, unless told otherwise.
+DEFAULT_BROKER_URL: Final = "tcp://127.0.0.1:5555"
+
 # Largest message a broker accepts by default (ZMQ_MAXMSGSIZE); announced in WELCOME.
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 

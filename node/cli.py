@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from flowrra import protocol
 from flowrra.app import Flowrra
 from flowrra.exitcodes import ExitCode
 from flowrra.logs import configure_logging
@@ -68,7 +69,7 @@ def _on_signal(node: Node, signum: int, grace_s: float) -> None:
     envvar="FLOWRRA_APP",
     help="The app to serve, as 'module:attribute'.",
 )
-@click.option("--broker", default="tcp://127.0.0.1:5555", help="The broker's ROUTER endpoint.")
+@click.option("--broker", default=protocol.DEFAULT_BROKER_URL, help="The broker's ROUTER endpoint.")
 @click.option("--concurrency", default=100, type=click.IntRange(min=1), help="Async slots.")
 @click.option(
     "--processes",
