@@ -252,8 +252,9 @@ class Broker:
                 "?" if node is None else node.node_id,
             )
             if node is not None:
+                # Its slot stays busy: the node may still be running the attempt.
                 node.leases.discard(task_id)
-                node.free[lease.kind] += 1
+                node.overdue[(task_id, attempt)] = lease.kind
             self.counters["overdue"] += 1
             self._requeue_lost(task_id, now, count_loss=True)
 
@@ -739,6 +740,10 @@ class Broker:
         for outcome in outcomes:
             lease = self.leases.get(outcome.task_id)
             if lease is None or lease.attempt != outcome.attempt:
+                if node is not None and node.overdue:
+                    kind = node.overdue.pop((outcome.task_id, outcome.attempt), None)
+                    if kind is not None:  # an overdue attempt ended after all: slot is free
+                        node.free[kind] += 1
                 self.counters["stale_results"] += 1
                 log.debug("ignored a stale result for %s#%d", outcome.task_id, outcome.attempt)
                 continue

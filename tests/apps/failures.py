@@ -124,3 +124,8 @@ async def raise_unprintable() -> None:
 @app.task(max_retries=0)
 async def raise_surrogate() -> None:
     raise ValueError("bad text: \ud800")  # a lone surrogate: not encodable as UTF-8
+
+
+@app.task(max_retries=0, timeout=0.5)
+async def timed_ping(value: int) -> int:
+    return value

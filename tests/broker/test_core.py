@@ -1027,7 +1027,7 @@ def test_early_dispatches_follow_the_nodes_welcome(h: Harness) -> None:
 
 def test_an_attempt_nobody_reports_within_timeout_and_grace_runs_again() -> None:
     h = Harness(lease_grace_s=5.0, max_worker_losses=2)
-    h.ready(NODE_A)
+    h.ready(NODE_A, async_slots=2)
     h.submit(submission("t1", timeout_s=2.0))
     h.tick()
     assert ids(h.dispatched()[NODE_A]) == ["t1"]
@@ -1041,9 +1041,11 @@ def test_an_attempt_nobody_reports_within_timeout_and_grace_runs_again() -> None
     assert h.broker.counters["overdue"] == 1
     (again,) = h.dispatched()[NODE_A]
     assert again.task_id == "t1" and again.attempt == 2
-    assert h.broker.nodes.get(NODE_A).free[SlotKind.ASYNC] == 0  # type: ignore[union-attr]
-    h.result(NODE_A, "t1", 1, "late")  # the first attempt's late result is fenced out
+    node = h.broker.nodes.get(NODE_A)
+    assert node is not None and node.free[SlotKind.ASYNC] == 0
+    h.result(NODE_A, "t1", 1, "late")  # the first attempt's late result is fenced out...
     assert h.broker.view("t1").status is TaskStatus.RUNNING  # type: ignore[union-attr]
+    assert node.free[SlotKind.ASYNC] == 1  # ...and gives back the slot it kept busy
     h.tick(h.now + 7.5)  # lost again: the worker-loss limit ends it
     record = h.record("t1")
     assert record.status is TaskStatus.FAILED and record.worker_losses == 2

@@ -4,6 +4,7 @@ cannot be printed or encoded: nothing forged reaches a client, nothing stays stu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def test_task_ids_are_not_guessable_from_the_public_prefix() -> None:
     assert len(suffixes) == 1000
     # Not a counter: consecutive ids are far apart.
     ordered = [int(i[16:], 16) for i in ids]
-    assert sum(1 for a, b in zip(ordered, ordered[1:], strict=False) if abs(b - a) < 2**32) < 5
+    assert sum(1 for a, b in itertools.pairwise(ordered) if abs(b - a) < 2**32) < 5
 
 
 @pytest.fixture(params=["embedded", "remote"])
@@ -143,3 +144,47 @@ async def test_errors_that_cannot_be_printed_or_encoded_never_cost_a_slot(
                for r in unprintable)  # fmt: skip
     assert all("bad text: \\ud800" in (r.error or "") for r in surrogate)
     assert [r.result for r in healthy] == list(range(18))
+
+
+async def test_an_attempt_a_live_node_never_reports_runs_again_elsewhere(
+    launcher: Launcher,
+) -> None:
+    broker = launcher.broker(args=["--lease-grace", "1"])
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    silent = raw_dealer(context, broker.url)
+    ready = NodeReady(
+        node_id="silent",
+        hostname="silent",
+        pid=1,
+        async_slots=1,
+        cpu_slots=0,
+        tasks={"tests.apps.failures.timed_ping": SlotKind.ASYNC},
+        running=[],
+    )
+    silent.send_multipart(encode(Command.READY, ready.to_wire()))
+    assert Command.WELCOME in _replies(silent, Command.WELCOME)
+
+    async def keep_heartbeating() -> None:  # alive, but never reports its task
+        while True:
+            silent.send_multipart(encode(Command.HEARTBEAT))
+            while silent.poll(0):
+                silent.recv_multipart()
+            await asyncio.sleep(0.05)
+
+    beating = asyncio.create_task(keep_heartbeating())
+    try:
+        async with remote_twin(failures.app, broker) as client:
+            task_id = await client.submit(failures.timed_ping, 7)
+            for _ in range(250):
+                status = await client.get_result(task_id)
+                if status is not None and status.status is TaskStatus.RUNNING:
+                    break
+                await asyncio.sleep(0.02)
+            launcher.node(broker, APP)  # a real node, which gets the attempt once it is lost
+            result = await client.wait_for_result(task_id, timeout=20)
+            assert await counter(client, "overdue") == 1
+        assert result.status is TaskStatus.SUCCESS and result.result == 7
+    finally:
+        beating.cancel()
+        silent.close(linger=0)
+        context.term()
