@@ -13,7 +13,18 @@ import zmq
 
 from flowrra import Flowrra, TaskStatus
 from flowrra.errors import TaskIdConflict
-from flowrra.protocol import Command, NodeReady, Outcome, SlotKind, decode, encode, pack_value
+from flowrra.protocol import (
+    MAX_ITEMS_PER_MESSAGE,
+    Command,
+    NodeReady,
+    Outcome,
+    SlotKind,
+    decode,
+    encode,
+    pack_args,
+    pack_value,
+    parse_ack,
+)
 from tests.apps import failures
 from tests.conftest import BrokerProcess, Launcher, embedded_twin, remote_twin, wait_for_glob
 from tests.failures.helpers import counter
@@ -187,4 +198,46 @@ async def test_an_attempt_a_live_node_never_reports_runs_again_elsewhere(
     finally:
         beating.cancel()
         silent.close(linger=0)
+        context.term()
+
+
+async def test_a_flood_of_large_submits_is_sliced_and_nobody_is_starved(
+    launcher: Launcher,
+) -> None:
+    broker = launcher.broker()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    flooder = raw_dealer(context, broker.url)
+    try:
+        payload = pack_args([1], {})
+        now = time.time()
+        messages = [
+            [[f"flood-{m}-{i}", "tests.apps.failures.ping", 0, payload, 0, 0.0, None, now]
+             for i in range(MAX_ITEMS_PER_MESSAGE)]
+            for m in range(8)
+        ]  # fmt: skip
+        for items in messages:
+            flooder.send_multipart(encode(Command.SUBMIT, items))
+        # One message over the cap is dropped whole, without an answer.
+        too_many = [
+            *messages[0],
+            ["extra", "tests.apps.failures.ping", 0, payload, 0, 0.0, None, now],
+        ]
+        flooder.send_multipart(encode(Command.SUBMIT, too_many))
+        async with remote_twin(failures.app, broker) as client:
+            launcher.node(broker, APP)
+            task_id = await client.submit(failures.ping, 5, priority=9)
+            assert (await client.wait_for_result(task_id, timeout=30)).result == 5
+            acked: set[str] = set()
+            deadline = time.monotonic() + 30
+            while len(acked) < 8 * MAX_ITEMS_PER_MESSAGE and time.monotonic() < deadline:
+                if flooder.poll(100):
+                    for ack in parse_ack(decode(flooder.recv_multipart()).body):
+                        assert ack.error is None
+                        acked.add(ack.task_id)
+            assert len(acked) == 8 * MAX_ITEMS_PER_MESSAGE
+            assert await counter(client, "malformed") == 1
+            status = await client.get_result("extra")
+            assert status is None
+    finally:
+        flooder.close(linger=0)
         context.term()
