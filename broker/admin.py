@@ -7,17 +7,48 @@ cheap (no full scans except ``purge`` and ``dead_list``), so they never slow the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
-import msgpack
-
-from broker.store import Table
+from broker.queues import TaskQueues
+from broker.records import Attempt, TaskRecord
+from broker.registry import Lease, NodeState
+from broker.timers import Timers
 from flowrra.errors import AdminError
-from flowrra.protocol import SlotKind, TaskStatus
+from flowrra.protocol import SlotKind
 
-if TYPE_CHECKING:
-    from broker.core import Broker
+
+class Rate(Protocol):
+    def rate(self, now: float) -> float: ...
+
+
+class Broker(Protocol):
+    """What the operator commands read and do: the broker core provides it (admin never
+    touches the store, its tables or its keys)."""
+
+    @property
+    def broker_id(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def nodes(self) -> Iterable[NodeState]: ...
+    @property
+    def queues(self) -> TaskQueues: ...
+    @property
+    def leases(self) -> Mapping[str, Lease]: ...
+    @property
+    def timers(self) -> Timers: ...
+    @property
+    def counters(self) -> Mapping[str, int]: ...
+    @property
+    def finished_per_second(self) -> Rate: ...
+
+    def view(self, task_id: str) -> TaskRecord | None: ...
+    def history(self, task_id: str) -> list[Attempt]: ...
+    def dead_letters(self, limit: int) -> list[TaskRecord]: ...
+    def purge(self, priority: int | None) -> int: ...
+    def requeue_failed(self, task_id: str, now: float) -> bool: ...
+    def stored_counts(self) -> dict[str, int]: ...
 
 
 def status(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any]:
@@ -39,6 +70,7 @@ def status(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any]:
                 "tasks": sorted({*node.names[SlotKind.ASYNC], *node.names[SlotKind.CPU]}),
             }
         )
+    stored = broker.stored_counts()
     return {
         "broker_id": broker.broker_id,
         "uptime_s": round(now - broker.started_at, 1),
@@ -50,8 +82,8 @@ def status(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any]:
         "queued_by_name": broker.queues.depth_by_name(),
         "in_flight": len(broker.leases),
         "retry_timers": len(broker.timers),
-        "dead_letters": broker.store.count(Table.DEAD),
-        "results_stored": broker.store.count(Table.EXPIRY),
+        "dead_letters": stored["dead_letters"],
+        "results_stored": stored["results"],
         "tasks_per_second_1m": round(broker.finished_per_second.rate(now), 3),
         "counters": dict(broker.counters),
     }
@@ -75,7 +107,7 @@ def inspect(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any] 
             "node_id": record.node_id,
             "retry_at": record.retry_at,
             "worker_losses": record.worker_losses,
-            "history": record.history,
+            "history": [list(entry) for entry in broker.history(task_id)],
             "expires_at": record.expires_at,
         }
     )
@@ -97,15 +129,7 @@ def purge(broker: Broker, args: dict[str, Any], now: float) -> int:
     priority = args.get("priority")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise AdminError("priority must be an integer")
-    removed = broker.queues.remove(priority)
-    for _name, _priority, order in removed:
-        key = broker.queue_key(order)
-        entry = broker.store.get(Table.QUEUE, key)
-        broker.store.delete(Table.QUEUE, key)
-        if entry is not None:
-            broker.store.delete(Table.TASKS, msgpack.unpackb(entry)[0].encode())
-    broker.counters["purged"] += len(removed)
-    return len(removed)
+    return broker.purge(priority)
 
 
 def dead_list(broker: Broker, args: dict[str, Any], now: float) -> list[dict[str, Any]]:
@@ -113,14 +137,7 @@ def dead_list(broker: Broker, args: dict[str, Any], now: float) -> list[dict[str
     limit = args.get("limit", 100)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise AdminError("limit must be a positive integer")
-    records = []
-    for key, _ in broker.store.scan(Table.DEAD):  # newest first: stop after ``limit``
-        record = broker.load(key[8:].decode())
-        if record is not None and record.status is TaskStatus.FAILED:
-            records.append(record.public())
-            if len(records) >= limit:
-                break
-    return records
+    return [record.public() for record in broker.dead_letters(limit)]
 
 
 def dead_retry(broker: Broker, args: dict[str, Any], now: float) -> str:

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import heapq
 import logging
-import struct
 import time
 import uuid
 from collections import defaultdict
 from typing import Any, Protocol
 
-import msgpack
-
 from broker import admin
 from broker.config import BrokerConfig
 from broker.queues import TaskQueues
-from broker.records import TaskRecord
+from broker.records import Attempt, TaskRecord
 from broker.registry import Lease, NodeRegistry, NodeState
-from broker.store import Store, Table
+from broker.repository import TaskRepository
+from broker.store import Store
 from broker.timers import Timers, backoff_s
 from flowrra import protocol
 from flowrra.errors import AdminError, ProtocolError
@@ -40,26 +38,6 @@ from flowrra.protocol import (
 )
 
 log = logging.getLogger("flowrra.broker")
-
-# Big-endian integers sort numerically as LMDB keys (queue orders, due and expiry times).
-_U64 = struct.Struct(">Q")
-_NEXT_ORDER_KEY = b"next_order"
-_FORMAT_KEY = b"format"
-# The layout of the store's tables and keys; bumped whenever any of them changes.
-STORE_FORMAT = 1
-
-
-class StoreFormatError(ValueError):
-    """The data directory was written by an incompatible version."""
-
-
-_U64_MAX = 2**64 - 1
-
-
-def dead_key(expires_ms: int, task_id: str) -> bytes:
-    """Dead-letter index key: newest first in key order (expiry is finish time + the TTL)."""
-    return _U64.pack(_U64_MAX - expires_ms) + task_id.encode()
-
 
 # The holder of a lease recovered from the store, until a node claims it.
 _ORPHAN = b""
@@ -162,6 +140,7 @@ class Broker:
 
     def __init__(self, store: Store, config: BrokerConfig, publish_endpoint: str) -> None:
         self.store = store
+        self.repo = TaskRepository(store)
         self.config = config
         self.broker_id = uuid.uuid4().hex
         self.welcome = Welcome(
@@ -195,14 +174,7 @@ class Broker:
         self.watched: set[bytes] = set()
         self.started_at = time.time()
 
-    # ------------------------------------------------------------------ store helpers
-
-    def load(self, task_id: str) -> TaskRecord | None:
-        data = self.store.get(Table.TASKS, task_id.encode())
-        return None if data is None else TaskRecord.decode(data)
-
-    def save(self, record: TaskRecord) -> None:
-        self.store.put(Table.TASKS, record.task_id.encode(), record.encode())
+    # ------------------------------------------------------------------ state helpers
 
     def _take_order(self) -> int:
         self._next_order += 1
@@ -212,18 +184,16 @@ class Broker:
     def _store_order(self) -> None:
         if self._order_dirty:
             self._order_dirty = False
-            self.store.put(Table.META, _NEXT_ORDER_KEY, _U64.pack(self._next_order))
+            self.repo.store_next_order(self._next_order)
 
     def _enqueue(self, record: TaskRecord) -> None:
         """Queue a PENDING record at its ``order`` (durably, and in the in-memory heaps)."""
         record.queued_at = time.time()
-        entry = msgpack.packb([record.task_id, record.name, record.priority])
-        self.store.put(Table.QUEUE, self.queue_key(record.order), entry)
+        self.repo.enqueue(record)
         self.queues.push(record.name, record.priority, record.order)
 
     def _lease(self, record: TaskRecord, kind: SlotKind, peer: bytes, now: float) -> Lease:
-        lease_value = _U64.pack(record.attempt) + (record.node_id or "").encode()
-        self.store.put(Table.LEASES, record.task_id.encode(), lease_value)
+        self.repo.lease(record)
         lease = Lease(record.task_id, record.attempt, kind, peer, record)
         self.leases[record.task_id] = lease
         self._watch_deadline(record, now)
@@ -262,7 +232,7 @@ class Broker:
         """The record of a running task, as it is now (loaded once, then cached)."""
         record = lease.record
         if record is None:
-            record = self.load(lease.task_id)
+            record = self.repo.get(lease.task_id)
             if record is None:
                 return None
             lease.record = record
@@ -275,18 +245,22 @@ class Broker:
         lease = self.leases.get(task_id)
         if lease is not None:
             return self._leased_record(lease)
-        return self.load(task_id)
+        return self.repo.get(task_id)
+
+    def history(self, task_id: str) -> list[Attempt]:
+        """How each attempt of a task ended, oldest first."""
+        return self.repo.history(task_id)
 
     def _end_lease(self, task_id: str) -> Lease | None:
         lease = self.leases.pop(task_id, None)
         if lease is not None:
-            self.store.delete(Table.LEASES, task_id.encode())
+            self.repo.end_lease(task_id)
         return lease
 
     def _set_timer(self, record: TaskRecord, due_at: float) -> None:
         due_ms = int(due_at * 1000)
         record.retry_at = due_ms / 1000
-        self.store.put(Table.TIMERS, _U64.pack(due_ms) + record.task_id.encode(), b"")
+        self.repo.set_timer(due_ms, record.task_id)
         self.timers.schedule(due_ms, record.task_id)
 
     # ------------------------------------------------------------------ recovery
@@ -299,30 +273,24 @@ class Broker:
         counts. Orphans nobody claims go back to their queue at their old position. Attempt
         numbers are durable, so a result from a superseded attempt is always fenced out.
         """
-        self._check_format()
+        self.repo.check_format()
         # Only the small index tables are read: task records stay on disk until dispatched.
-        stored_order = self.store.get(Table.META, _NEXT_ORDER_KEY)
-        if stored_order is not None:
-            self._next_order = max(self._next_order, _U64.unpack(stored_order)[0])
+        self._next_order = max(self._next_order, self.repo.next_order())
         queued = running = retrying = 0
-        for key, entry in self.store.scan(Table.QUEUE):
-            _task_id, name, priority = msgpack.unpackb(entry)
-            order = _U64.unpack(key)[0]
+        for order, name, priority in self.repo.queued():
             self.queues.push(name, priority, order)
             # New orders must never reuse a queued one (the counter is stored once per tick).
             self._next_order = max(self._next_order, order)
             queued += 1
-        for key, value in self.store.scan(Table.LEASES):
-            task_id = key.decode()
-            attempt = _U64.unpack(value[:8])[0]
+        for task_id, attempt, node_id in self.repo.leases():
             lease = Lease(task_id, attempt, SlotKind.ASYNC, _ORPHAN)
             self.leases[task_id] = lease
-            holder = self.nodes.by_node_id(value[8:].decode())
+            holder = self.nodes.by_node_id(node_id)
             if holder is not None:  # still connected (recovering from a failed commit)
                 self._attach(lease, holder, now)
             running += 1
-        for key, _ in self.store.scan(Table.TIMERS):
-            self.timers.schedule(_U64.unpack(key[:8])[0], key[8:].decode())
+        for due_ms, task_id in self.repo.timers():
+            self.timers.schedule(due_ms, task_id)
             retrying += 1
         if running:
             # Two liveness windows: time for every surviving node to notice and re-register.
@@ -332,20 +300,10 @@ class Broker:
                 "recovered %d queued, %d in flight and %d retrying tasks", queued, running, retrying
             )
 
-    def _check_format(self) -> None:
-        """Refuse a store written in a layout this broker does not read (see operations.md)."""
-        stored = self.store.get(Table.META, _FORMAT_KEY)
-        if stored is None:
-            self.store.put(Table.META, _FORMAT_KEY, _U64.pack(STORE_FORMAT))
-        elif _U64.unpack(stored)[0] != STORE_FORMAT:
-            raise StoreFormatError(
-                f"the data directory holds store format {_U64.unpack(stored)[0]}; this broker "
-                f"reads format {STORE_FORMAT}: run the matching Flowrra version"
-            )
-
     def abandon_tick(self, reason: str, now: float) -> None:
         """The tick's writes could not be committed: refuse its submissions, drop the rest
         of its output, and rebuild the in-memory state from what the store really holds."""
+        self.repo.end_tick()  # records changed in memory by the lost tick
         refused = self.outbox.acks
         # Replies that do not depend on what failed to commit still go out.
         kept = [(peer, frames) for peer, frames in self.outbox.messages if frames[1] in _STATELESS]
@@ -355,7 +313,8 @@ class Broker:
         for peer, items in refused.items():
             # A re-sent task that an earlier tick stored is still acknowledged: it will run.
             self.outbox.acks[peer] = [
-                [task_id, None if self.load(task_id) is not None else error] for task_id, _ in items
+                [task_id, None if self.repo.exists(task_id) else error, *rest]
+                for task_id, _, *rest in items
             ]
         self.queues = TaskQueues()
         self.leases = {}
@@ -481,15 +440,16 @@ class Broker:
         acks = self.outbox.acks[peer]
         self.tick_items += len(submissions)
         for sub in submissions:
-            stored = self.store.get(Table.TASKS, sub.task_id.encode())
+            stored = self.repo.get(sub.task_id)
             if stored is None:
                 record = TaskRecord.from_submission(sub, self._take_order())
-                self._enqueue(record)  # sets queued_at, saved next
-                self.save(record)
+                record.queued_at = time.time()
+                self.repo.add(record)
+                self.queues.push(record.name, record.priority, record.order)
                 self.counters["submitted"] += 1
                 for observer in self.observers:
                     observer.submitted(record.name)
-            elif not TaskRecord.decode(stored).is_call_of(sub):
+            elif not stored.is_call_of(sub):
                 # The same id for another call: refusing it keeps one client (or a typo)
                 # from getting, or giving, another call's result.
                 self.counters["id_conflicts"] += 1
@@ -550,30 +510,40 @@ class Broker:
 
     def requeue_failed(self, task_id: str, now: float) -> bool:
         """Queue a dead-lettered task again with fresh retries (``flowrra dead retry``)."""
-        record = self.load(task_id)
-        if record is None or record.status is not TaskStatus.FAILED or record.expires_at is None:
+        record = self.repo.get(task_id)
+        if record is None or record.status is not TaskStatus.FAILED:
             return False
-        expires_ms = int(record.expires_at * 1000)
-        if self.store.get(Table.DEAD, dead_key(expires_ms, task_id)) is None:
+        if not self.repo.unfinish(record):
             return False
-        self.store.delete(Table.DEAD, dead_key(expires_ms, task_id))
-        self.store.delete(Table.EXPIRY, _U64.pack(expires_ms) + task_id.encode())
         record.status = TaskStatus.PENDING
         record.retries = 0
         record.worker_losses = 0
         record.finished_at = record.expires_at = None
         record.order = self._take_order()
         self._enqueue(record)  # sets queued_at, saved next
-        self.save(record)
+        self.repo.save(record)
         self.counters["dead_retried"] += 1
         self.publish_result(record)  # tells clients holding its old result that it is back
         log.info("dead-lettered task %s (%s) queued again", task_id, record.name)
         return True
 
-    @staticmethod
-    def queue_key(order: int) -> bytes:
-        """The store key of a queue entry."""
-        return _U64.pack(order)
+    def dead_letters(self, limit: int) -> list[TaskRecord]:
+        """Tasks that ended FAILED, newest first."""
+        return self.repo.dead_letters(limit)
+
+    def purge(self, priority: int | None) -> int:
+        """Drop queued tasks (of one priority, or all); how many."""
+        removed = self.queues.remove(priority)
+        for _name, _priority, order in removed:
+            task_id = self.repo.take_queued(order)
+            if task_id is not None:
+                self.repo.forget(task_id)
+        self.counters["purged"] += len(removed)
+        return len(removed)
+
+    def stored_counts(self) -> dict[str, int]:
+        """Dead letters and stored results (committed)."""
+        return {"dead_letters": self.repo.count_dead(), "results": self.repo.count_results()}
 
     # ------------------------------------------------------------------ nodes
 
@@ -652,7 +622,9 @@ class Broker:
         self._end_lease(task_id)
         if record is None:
             return
-        record.record_attempt("lost" if count_loss else "returned", finished_at=now)
+        self.repo.record_attempt(
+            record, record.attempt_end("lost" if count_loss else "returned", finished_at=now)
+        )
         if count_loss:
             record.worker_losses += 1
             if record.worker_losses >= self.config.max_worker_losses:
@@ -666,7 +638,7 @@ class Broker:
         record.status = TaskStatus.PENDING
         record.node_id = None
         self._enqueue(record)  # sets queued_at, saved next
-        self.save(record)
+        self.repo.save(record)
         self.counters["requeued"] += 1
 
     def purge_nodes(self, now: float) -> None:
@@ -706,14 +678,11 @@ class Broker:
             nodes = still
 
     def _start_attempt(self, node: NodeState, kind: SlotKind, order: int, now: float) -> None:
-        key = self.queue_key(order)
-        entry = self.store.get(Table.QUEUE, key)
-        if entry is None:
+        task_id = self.repo.take_queued(order)
+        if task_id is None:
             log.error("queue entry %d is missing from the store", order)
             return
-        self.store.delete(Table.QUEUE, key)
-        task_id = msgpack.unpackb(entry)[0]
-        record = self.load(task_id)
+        record = self.repo.get(task_id)
         if record is None or record.status is not TaskStatus.PENDING:
             return  # expired or finished meanwhile
         record.attempt += 1
@@ -771,13 +740,16 @@ class Broker:
             if record is None:
                 continue
             record.started_at = outcome.started_at
-            record.record_attempt(
-                "success" if outcome.error is None else "failed",
-                started_at=outcome.started_at,
-                finished_at=outcome.finished_at,
-                error=None
-                if outcome.error is None
-                else f"{outcome.error.exc_type}: {outcome.error.message}",
+            self.repo.record_attempt(
+                record,
+                record.attempt_end(
+                    "success" if outcome.error is None else "failed",
+                    started_at=outcome.started_at,
+                    finished_at=outcome.finished_at,
+                    error=None
+                    if outcome.error is None
+                    else f"{outcome.error.exc_type}: {outcome.error.message}",
+                ),
             )
             if outcome.error is not None and record.retries < record.max_retries:
                 self._schedule_retry(record, outcome.error, now)
@@ -793,7 +765,7 @@ class Broker:
         record.traceback = error.traceback
         self._set_timer(record, now + backoff_s(record.retry_delay_s, record.retries))
         record.node_id = None
-        self.save(record)
+        self.repo.save(record)
         self.counters["retried"] += 1
         for observer in self.observers:
             observer.retried(record.name)
@@ -831,11 +803,8 @@ class Broker:
             self.counters["failed"] += 1
             log.warning("task %s (%s) failed: %s", record.task_id, record.name, record.error)
         expires_ms = int((now + self.config.result_ttl_s) * 1000)
-        if error is not None:
-            self.store.put(Table.DEAD, dead_key(expires_ms, record.task_id), b"")
         record.expires_at = expires_ms / 1000
-        self.save(record)
-        self.store.put(Table.EXPIRY, _U64.pack(expires_ms) + record.task_id.encode(), b"")
+        self.repo.finish(record, expires_ms)
         if self.observers:
             run_s = None
             if record.started_at is not None and finished_at is not None:
@@ -848,29 +817,22 @@ class Broker:
 
     def fire_timers(self, now: float) -> None:
         for due_ms, task_id in self.timers.pop_due(now * 1000):
-            self.store.delete(Table.TIMERS, _U64.pack(due_ms) + task_id.encode())
-            record = self.load(task_id)
+            self.repo.clear_timer(due_ms, task_id)
+            record = self.repo.get(task_id)
             if record is None or record.status is not TaskStatus.RETRYING:
                 continue
             record.status = TaskStatus.PENDING
             record.retry_at = None
             record.order = self._take_order()
             self._enqueue(record)  # sets queued_at, saved next
-            self.save(record)
+            self.repo.save(record)
 
     def expire_results(self, now: float) -> None:
         """Forget finished tasks whose result TTL has passed."""
         if now < self._next_sweep:
             return
         self._next_sweep = now + self.config.expiry_sweep_interval_s
-        stop = _U64.pack(int(now * 1000) + 1)
-        expired = 0
-        for key, _ in self.store.scan(Table.EXPIRY, b"", stop):
-            self.store.delete(Table.EXPIRY, key)
-            task_id = key[_U64.size :]
-            self.store.delete(Table.TASKS, task_id)
-            self.store.delete(Table.DEAD, _U64.pack(_U64_MAX - _U64.unpack(key[:8])[0]) + task_id)
-            expired += 1
+        expired = self.repo.expire(int(now * 1000))
         if expired:
             log.info("expired %d results", expired)
 
@@ -896,6 +858,7 @@ class Broker:
             self.fire_timers(now)
         self.dispatch(now)
         self._store_order()
+        self.repo.end_tick()
 
     def seconds_until_due(self, now: float) -> float:
         """How long the loop may sleep before :meth:`tick` has work to do."""

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import msgpack
 
 from flowrra.errors import ProtocolError
 from flowrra.protocol import Submission, TaskStatus
 
-_RECORD_FORMAT = 1
+_RECORD_FORMAT = 2
+
+
+class Attempt(NamedTuple):
+    """How one attempt of a task ended (its history entry)."""
+
+    attempt: int
+    node_id: str | None
+    started_at: float | None
+    finished_at: float | None
+    outcome: str  # success, failed, lost (its node died) or returned (handed back)
+    error: str | None
+
+
+def encode_attempt(entry: Attempt) -> bytes:
+    return msgpack.packb(list(entry), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_attempt(data: bytes) -> Attempt:
+    return Attempt(*msgpack.unpackb(data, raw=False))
 
 
 @dataclass(slots=True)
@@ -37,8 +56,6 @@ class TaskRecord:
     retry_at: float | None = None
     node_id: str | None = None
     worker_losses: int = 0
-    # One entry per attempt: [attempt, node_id, started_at, finished_at, outcome, error].
-    history: list[list[Any]] = field(default_factory=list)
     expires_at: float | None = None  # when a finished task's record is forgotten
     queued_at: float | None = None  # when it last entered a queue (for the queue-wait metric)
 
@@ -57,13 +74,14 @@ class TaskRecord:
         )
 
     def encode(self) -> bytes:
+        """The stored record: every field but the arguments and the history, which the
+        repository keeps apart (finishing a task rewrites neither)."""
         return msgpack.packb(  # type: ignore[no-any-return]
             [
                 _RECORD_FORMAT,
                 self.task_id,
                 self.name,
                 self.priority,
-                self.payload,
                 self.max_retries,
                 self.retry_delay_s,
                 self.timeout_s,
@@ -80,7 +98,6 @@ class TaskRecord:
                 self.retry_at,
                 self.node_id,
                 self.worker_losses,
-                self.history,
                 self.expires_at,
                 self.queued_at,
             ],
@@ -88,24 +105,36 @@ class TaskRecord:
         )
 
     @classmethod
-    def decode(cls, data: bytes) -> TaskRecord:
+    def decode(cls, data: bytes, payload: bytes) -> TaskRecord:
         fields = msgpack.unpackb(data, raw=False)
         if not isinstance(fields, list) or not fields or fields[0] != _RECORD_FORMAT:
             raise ProtocolError("unknown task record format")
-        record = cls(*fields[1:])
+        args = [*fields[1:4], payload, *fields[4:]]
+        record = cls(*args)
         record.status = TaskStatus(record.status)
         return record
 
-    def record_attempt(
+    @classmethod
+    def decode_format_1(cls, data: bytes) -> tuple[TaskRecord, list[Attempt]]:
+        """A record of store format 1 (arguments and history inside), and its history."""
+        fields = msgpack.unpackb(data, raw=False)
+        if not isinstance(fields, list) or not fields or fields[0] != 1:
+            raise ProtocolError("unknown task record format")
+        history = [Attempt(*entry) for entry in fields[21]]
+        record = cls(*fields[1:21], *fields[22:])
+        record.status = TaskStatus(record.status)
+        return record, history
+
+    def attempt_end(
         self,
         outcome: str,
         *,
         started_at: float | None = None,
         finished_at: float | None = None,
         error: str | None = None,
-    ) -> None:
-        """Append the end of the current attempt to the history."""
-        self.history.append([self.attempt, self.node_id, started_at, finished_at, outcome, error])
+    ) -> Attempt:
+        """The end of the current attempt, for the history."""
+        return Attempt(self.attempt, self.node_id, started_at, finished_at, outcome, error)
 
     def is_call_of(self, sub: Submission) -> bool:
         """True when ``sub`` is the call this task was submitted as (same task, same

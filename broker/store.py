@@ -9,6 +9,7 @@ handling everything it drained (group commit); replies go out only after that co
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -16,13 +17,18 @@ from typing import Any, Protocol
 
 import lmdb
 
+from flowrra.errors import FlowrraError
+
 log = logging.getLogger("flowrra.broker.store")
 
 
 class Table(enum.StrEnum):
     """The store's tables (LMDB named databases)."""
 
+    # Key layouts: broker/repository.py, the one module that reads and writes them.
     TASKS = "tasks"  # task id -> task record (msgpack)
+    PAYLOADS = "payloads"  # task id -> packed arguments
+    HISTORY = "history"  # task id, attempt -> how the attempt ended
     QUEUE = "queue"  # queue order (8 bytes, big-endian) -> [task id, name, priority]
     LEASES = "leases"  # task id -> attempt number of the attempt in flight
     TIMERS = "timers"  # due_ms (8 bytes, big-endian) + task id -> b""
@@ -40,7 +46,13 @@ class Durability(enum.StrEnum):
     FAST = "fast"  # no fsync: survives a killed process, not a crashed OS
 
 
-class StoreFullError(Exception):
+class StoreError(FlowrraError):
+    """A commit could not be written: none of its writes were applied, and what was
+    committed before is intact and still readable. The buffered writes are kept until
+    :meth:`Store.discard` (or a retried :meth:`Store.commit`)."""
+
+
+class StoreFullError(StoreError):
     """The disk (or the configured maximum map size) is full."""
 
 
@@ -149,9 +161,20 @@ MAX_KEY_BYTES = 511
 _INITIAL_MAP_SIZE = 1 << 30
 _MAX_MAP_SIZE = 1 << 40
 
+# A failed commit counts as a full disk when the error says so, or when the file system has
+# less than this left beyond what the commit needed: on a nearly full file system a short
+# write comes back from LMDB as EIO ("mdb_txn_commit: Input/output error"), not ENOSPC.
+_LOW_SPACE_BYTES = 1 << 20
+_FULL_DISK_MESSAGES = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT))
+
 
 class LmdbStore(_WriteBuffer):
-    """The store in an LMDB environment under ``path``."""
+    """The store in an LMDB environment under ``path``.
+
+    :meth:`commit` raises :class:`StoreError` (:class:`StoreFullError` for a full disk or
+    map) for every failed write, EIO and ENOSPC included, and the store stays usable: what
+    was committed can still be read, and a later commit succeeds once the disk has room.
+    """
 
     def __init__(
         self,
@@ -164,26 +187,36 @@ class LmdbStore(_WriteBuffer):
         self.path = os.fspath(path)
         self.durability = durability
         self.max_map_size = max_map_size
-        self._env = lmdb.open(
+        self._map_size = map_size
+        self._reader: Any = None
+        self._env = self._open_env()
+        self._dbs = {t: self._env.open_db(t.value.encode()) for t in Table}
+        super().__init__()
+
+    def _open_env(self) -> Any:
+        full = self.durability is Durability.FULL
+        return lmdb.open(
             self.path,
-            map_size=map_size,
+            map_size=self._map_size,
             max_dbs=len(Table) + 1,
-            sync=durability is Durability.FULL,
-            metasync=durability is Durability.FULL,
+            sync=full,
+            metasync=full,
             # One broker per data dir; readers do not need per-thread slots.
             max_readers=16,
             lock=True,
             # Index scans at start-up would otherwise fault in neighbouring task pages too
             # and inflate the broker's resident memory.
             readahead=False,
-            # In fast mode a commit then only touches memory (no pwrite per dirty page): the
-            # pages still reach the disk through the page cache, so a killed broker loses
-            # nothing. Full mode keeps LMDB's default, where its own writes precede the fsync.
-            writemap=durability is Durability.FAST,
+            # Never MDB_WRITEMAP, in either mode. With it, LMDB sizes data.mdb to the whole
+            # map as a sparse file and writes pages through a shared mapping: when the disk
+            # cannot back a page, the kernel kills the broker with SIGBUS instead of failing
+            # the commit. Without it every page reaches the file by pwrite(), so a full or
+            # failing disk is an error the broker survives (StoreError). Preallocating the
+            # map instead would occupy the whole map (1 GiB, then 2, 4, ...) of real disk and
+            # still not protect copy-on-write file systems. The cost in fast mode is a few
+            # microseconds per commit: see docs/operations.md.
+            writemap=False,
         )
-        self._dbs = {t: self._env.open_db(t.value.encode()) for t in Table}
-        self._reader: Any = None
-        super().__init__()
 
     def _read_txn(self) -> Any:
         if self._reader is None:
@@ -213,10 +246,22 @@ class LmdbStore(_WriteBuffer):
                 yield key, value
 
     def commit(self) -> None:
+        """Write the buffered writes in one transaction, or raise :class:`StoreError` and
+        keep them buffered (for :meth:`discard`, or another try)."""
         if not self._pending:
             return
         self._end_read()
-        pending = self._pending
+        try:
+            self._write(self._pending)
+        except StoreError:
+            raise
+        except (lmdb.Error, OSError) as exc:
+            # Any failure of the write transaction: LMDB aborted it, so nothing of it was
+            # applied. ENOSPC, EIO from a short write, EDQUOT, a failed fsync, ...
+            raise self._write_error(exc) from exc
+        self._pending = {}
+
+    def _write(self, pending: _Pending) -> None:
         while True:
             try:
                 with self._env.begin(write=True) as txn:
@@ -225,12 +270,34 @@ class LmdbStore(_WriteBuffer):
                             txn.delete(key, db=self._dbs[table])
                         else:
                             txn.put(key, value, db=self._dbs[table])
-                break
+                return
             except lmdb.MapFullError:
                 self._grow()
-            except lmdb.DiskError as exc:
-                raise StoreFullError(f"the disk under {self.path} is full: {exc}") from exc
-        self._pending = {}
+
+    def _write_error(self, exc: BaseException) -> StoreError:
+        self._check_env()
+        free = _free_bytes(self.path)
+        where = self.path if free is None else f"{self.path} ({_human_bytes(free)} free)"
+        needed = sum(len(key) + len(value or b"") for (_, key), value in self._pending.items())
+        if (
+            isinstance(exc, lmdb.DiskError)
+            or any(message in str(exc) for message in _FULL_DISK_MESSAGES)
+            or (free is not None and free < needed + _LOW_SPACE_BYTES)
+        ):
+            return StoreFullError(f"the disk under {where} is full: {exc}")
+        return StoreError(f"could not write to the store at {where}: {exc}")
+
+    def _check_env(self) -> None:
+        """After a failed write: if LMDB flagged the environment as fatal (MDB_PANIC, when
+        its meta page could not be written), every later transaction, reads included, would
+        fail. Reopen it: what the last good meta page points to is intact."""
+        try:
+            self._env.begin().abort()
+        except lmdb.PanicError:
+            log.warning("reopening the LMDB environment at %s after a failed write", self.path)
+            self._env.close()
+            self._env = self._open_env()
+            self._dbs = {t: self._env.open_db(t.value.encode()) for t in Table}
 
     def count(self, table: Table) -> int:
         entries: int = self._read_txn().stat(self._dbs[table])["entries"]
@@ -240,8 +307,10 @@ class LmdbStore(_WriteBuffer):
         size = self._env.info()["map_size"]
         if size >= self.max_map_size:
             raise StoreFullError(f"store at {self.path} reached its maximum size ({size} bytes)")
-        log.info("growing the LMDB map from %d to %d bytes", size, size * 2)
-        self._env.set_mapsize(min(size * 2, self.max_map_size))
+        new_size = min(size * 2, self.max_map_size)
+        log.info("growing the LMDB map from %d to %d bytes", size, new_size)
+        self._env.set_mapsize(new_size)
+        self._map_size = new_size
 
     def sync(self) -> None:
         """Flush to disk (useful in fast mode before a planned shutdown)."""
@@ -250,6 +319,23 @@ class LmdbStore(_WriteBuffer):
     def close(self) -> None:
         self._end_read()
         self._env.close()
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            break
+        count //= 1024
+    return f"{count} {unit}"
+
+
+def _free_bytes(path: str) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def backup(data_dir: str | os.PathLike[str], destination: str | os.PathLike[str]) -> int:

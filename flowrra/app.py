@@ -175,7 +175,7 @@ class Flowrra:
         self._service = service
         self._background.append(asyncio.create_task(service.run(), name="flowrra-broker"))
         await self._until(service.ready)
-        node = Node(self, hub, concurrency=self.concurrency, processes=self.processes)
+        node = Node(self.tasks, hub, concurrency=self.concurrency, processes=self.processes)
         self._node = node
         self._background.append(asyncio.create_task(node.run(), name="flowrra-node"))
         await self._until(node.ready)

@@ -35,7 +35,6 @@ HEADER: Final = MAGIC + bytes([VERSION])
 # HEARTBEAT_LIVENESS intervals without hearing anything from it.
 HEARTBEAT_INTERVAL_MS: Final = 1000
 HEARTBEAT_LIVENESS: Final = 3
-HEARTBEAT_EXPIRY_MS: Final = HEARTBEAT_INTERVAL_MS * HEARTBEAT_LIVENESS
 
 # Where a broker listens, and clients and nodes look for it, unless told otherwise.
 DEFAULT_BROKER_URL: Final = "tcp://127.0.0.1:5555"

@@ -113,7 +113,7 @@ def main(
         log.error("%s", exc)
         sys.exit(ExitCode.CONFIG)
     node = Node(
-        app,
+        app.tasks,
         ZmqConnector(broker, keys=keys),
         concurrency=concurrency,
         processes=processes,

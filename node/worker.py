@@ -16,9 +16,9 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flowrra import protocol
 from flowrra.errors import ProtocolError, RemoteTaskError, TaskTimeoutError
@@ -27,9 +27,6 @@ from flowrra.task import TaskSpec
 from flowrra.transport import Connector, Link, Wakeup, ZmqConnector
 from node.heartbeat import HeartbeatThread
 from node.process_pool import FunctionRef, ProcessPool
-
-if TYPE_CHECKING:
-    from flowrra.app import Flowrra
 
 log = logging.getLogger("flowrra.node")
 
@@ -47,7 +44,7 @@ class Node:
 
     def __init__(
         self,
-        app: Flowrra,
+        tasks: Mapping[str, TaskSpec],
         connector: Connector,
         *,
         concurrency: int = 100,
@@ -58,10 +55,9 @@ class Node:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self.app = app
         self.connector = connector
         self.concurrency = concurrency
-        self.specs: dict[str, TaskSpec] = dict(app.tasks)
+        self.specs: dict[str, TaskSpec] = dict(tasks)
         has_cpu_tasks = any(spec.cpu_bound for spec in self.specs.values())
         if processes is None:
             processes = os.cpu_count() or 1
@@ -86,7 +82,6 @@ class Node:
         self._last_sent = 0.0
         self._max_message_bytes = protocol.MAX_MESSAGE_BYTES
         self._heartbeat: HeartbeatThread | None = None
-        self.tasks_done = 0
 
     def stop(self, grace_s: float = 0.0) -> None:
         """Leave the broker.
@@ -292,7 +287,6 @@ class Node:
             del self._running[dispatch.task_id]
             if self._drain_until is not None:
                 self._wakeup.set()  # the drain may be complete
-        self.tasks_done += 1
         self._outcomes.append(
             Outcome(
                 dispatch.task_id, dispatch.attempt, value, error, started, time.time()

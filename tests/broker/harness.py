@@ -140,8 +140,7 @@ class Harness:
 
     def record(self, task_id: str) -> TaskRecord:
         """The broker's current view of a task (running tasks may differ from the store)."""
-        view = getattr(self.broker, "view", self.broker.load)
-        record = view(task_id)
+        record = self.broker.view(task_id)
         assert record is not None, f"no record for {task_id}"
         return record
 
@@ -152,8 +151,8 @@ class Harness:
         self.broker.outbox.messages = [m for m in messages if m[0] != b"getter"]
         self.broker.outbox.publications = publications
         (frames,) = [f for peer, f in messages if peer == b"getter"]
-        (record,) = decode(frames).body[1]
-        return None if record is None else parse_record(record)
+        records = decode(frames).body[1]  # found records only: none for an unknown id
+        return parse_record(records[0]) if records else None
 
 
 def ids(dispatches: list[Dispatch]) -> list[str]:

@@ -81,7 +81,7 @@ def test_purge_drops_queued_tasks(h: Harness) -> None:
     h.submit(submission("low"), submission("high", priority=5), submission("low2"))
     assert admin(h, "purge", priority=0) == (None, 2)
     h.broker.store.commit()
-    assert h.broker.load("low") is None and h.broker.load("high") is not None
+    assert h.broker.repo.get("low") is None and h.broker.repo.get("high") is not None
     assert list(h.broker.store.scan(Table.QUEUE)) != []  # "high" is still queued
     h.ready(NODE_A, async_slots=5)
     h.tick()
@@ -132,7 +132,7 @@ def test_retried_dead_letter_is_not_expired_by_its_old_ttl() -> None:
     h.broker.store.commit()
     h.broker.expire_results(h.now + 60.0)
     h.broker.store.commit()
-    assert h.broker.load("doomed") is not None
+    assert h.broker.repo.get("doomed") is not None
 
 
 @pytest.mark.parametrize(

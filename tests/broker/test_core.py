@@ -438,10 +438,10 @@ def test_finished_results_expire_after_their_ttl() -> None:
     h.broker.store.commit()
     h.broker.expire_results(h.now + 59.0)
     h.broker.store.commit()
-    assert h.broker.load("t1") is not None
+    assert h.broker.repo.get("t1") is not None
     h.broker.expire_results(h.now + 61.0)
     h.broker.store.commit()
-    assert h.broker.load("t1") is None
+    assert h.broker.repo.get("t1") is None
     assert list(h.broker.store.scan(Table.EXPIRY)) == []
 
 
@@ -895,7 +895,7 @@ def test_abandon_tick_refuses_the_ticks_submissions_and_rolls_back(h: Harness) -
     acks = [a for _, m in h.replies(Command.ACK) for a in parse_ack(m.body)]
     assert [(a.task_id, a.error is not None) for a in acks] == [("lost", True)]
     assert "disk full" in (acks[0].error or "")
-    assert h.broker.load("lost") is None
+    assert h.broker.repo.get("lost") is None
     assert len(h.broker.queues) == 1  # "kept", rebuilt from the store
 
 
@@ -909,7 +909,7 @@ def test_abandon_tick_still_acks_a_resubmitted_task_that_is_stored(h: Harness) -
     h.broker.abandon_tick("disk full", h.now)
     acks = {a.task_id: a.error for _, m in h.replies(Command.ACK) for a in parse_ack(m.body)}
     assert acks["t2"] is not None
-    assert h.broker.load("t1") is not None  # t1 is durably stored and will run...
+    assert h.broker.repo.get("t1") is not None  # t1 is durably stored and will run...
     assert acks["t1"] is None  # ...so refusing it would make the client give up on it
 
 
@@ -975,8 +975,8 @@ def test_a_task_id_too_long_for_lmdb_is_refused(tmp_path: Path) -> None:
         acks = {a.task_id: a.error for _, m in h.replies(Command.ACK) for a in parse_ack(m.body)}
         assert acks["fine"] is None
         assert acks["€" * 200] is not None
-        assert h.broker.load("fine") is not None
-        assert h.broker.load("€" * 200) is None
+        assert h.broker.repo.get("fine") is not None
+        assert h.broker.repo.get("€" * 200) is None
     finally:
         h.broker.store.discard()
         h.broker.store.close()
@@ -989,7 +989,7 @@ def test_invalid_items_are_refused_one_by_one(h: Harness) -> None:
     h.send(CLIENT, Command.SUBMIT, [good, bad])
     acks = {a.task_id: a.error for _, m in h.replies(Command.ACK) for a in parse_ack(m.body)}
     assert acks["good"] is None and acks["bad"] is not None
-    assert h.broker.load("bad") is None
+    assert h.broker.repo.get("bad") is None
     assert len(h.broker.queues) == 1
 
 

@@ -40,9 +40,9 @@ async def test_a_full_store_refuses_submits_with_a_clear_error(tmp_path: Path) -
             await client.submit([too_big])
         after = _submission(client, b"\xc0" * 100)
         await client.submit([after])  # the broker is still up and accepting
-        assert broker.load(small.task_id) is not None
-        assert broker.load(after.task_id) is not None
-        assert broker.load(too_big.task_id) is None
+        assert broker.repo.get(small.task_id) is not None
+        assert broker.repo.get(after.task_id) is not None
+        assert broker.repo.get(too_big.task_id) is None
         assert len(broker.queues) == 2
     finally:
         await client.close()

@@ -1,0 +1,264 @@
+"""The broker's task repository: its durable state in domain terms, over one :class:`Store`.
+
+This module is the one owner of the store's key layouts (after huey's storage classes): the
+broker core speaks of tasks to add, queue, lease, time, finish, expire and dead-letter, never
+of tables and key bytes. Layouts, table by table:
+
+* ``tasks``: task id -> the record (:meth:`TaskRecord.encode`), without its arguments and
+  history, so that finishing a task rewrites neither;
+* ``payloads``: task id -> the packed arguments, written once at accept;
+* ``history``: len(task id) (1 byte) + task id + attempt (4 bytes, big-endian) -> one attempt's
+  end; an attempt appends one entry, and a task's entries are one range scan;
+* ``queue``: queue order (8 bytes, big-endian) -> ``[task id, name, priority]``;
+* ``leases``: task id -> attempt (8 bytes, big-endian) + node id;
+* ``timers``: due_ms (8 bytes, big-endian) + task id -> b"";
+* ``expiry``: expire_at_ms (8 bytes, big-endian) + task id -> b"" (finished results);
+* ``dead``: (2**64 - 1 - expire_at_ms) (8 bytes, big-endian) + task id -> b"", newest first;
+* ``meta``: the store format and the next queue order.
+
+Big-endian integers sort numerically as LMDB keys, so every index is a cursor scan.
+
+Records decoded or written during a tick are kept until :meth:`end_tick`, so a record
+accepted and dispatched in the same tick is decoded zero times.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import msgpack
+
+from broker.records import Attempt, TaskRecord, decode_attempt, encode_attempt
+from broker.store import Store, Table
+from flowrra.errors import FlowrraError
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_U64_MAX = 2**64 - 1
+_NEXT_ORDER_KEY = b"next_order"
+_FORMAT_KEY = b"format"
+# The layout of the store's tables and keys; bumped whenever any of them changes. Format 1
+# kept arguments and history inside the record; it is migrated in place at start-up.
+STORE_FORMAT = 2
+
+
+class StoreFormatError(FlowrraError, ValueError):
+    """The data directory was written by an incompatible version."""
+
+
+def _history_prefix(task_id: bytes) -> bytes:
+    return bytes([len(task_id)]) + task_id
+
+
+def _dead_key(expires_ms: int, task_id: bytes) -> bytes:
+    return _U64.pack(_U64_MAX - expires_ms) + task_id
+
+
+class TaskRepository:
+    """Tasks, queue entries, leases, timers, results and dead letters, durably."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._records: dict[str, TaskRecord] = {}  # this tick's decoded or written records
+
+    def end_tick(self) -> None:
+        """Forget the records kept for this tick (called once per tick, and after a failed
+        commit, when the store's pending writes were discarded)."""
+        self._records.clear()
+
+    # ------------------------------------------------------------------ records
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        """A task's stored record (with its arguments, without its history), or None."""
+        record = self._records.get(task_id)
+        if record is not None:
+            return record
+        key = task_id.encode()
+        data = self.store.get(Table.TASKS, key)
+        if data is None:
+            return None
+        record = TaskRecord.decode(data, self.store.get(Table.PAYLOADS, key) or b"")
+        self._records[task_id] = record
+        return record
+
+    def exists(self, task_id: str) -> bool:
+        return task_id in self._records or self.store.get(Table.TASKS, task_id.encode()) is not None
+
+    def save(self, record: TaskRecord) -> None:
+        """Write a record's state (its arguments are written once, by :meth:`add`)."""
+        self.store.put(Table.TASKS, record.task_id.encode(), record.encode())
+        self._records[record.task_id] = record
+
+    def add(self, record: TaskRecord) -> None:
+        """Store a new task with its arguments, and queue it."""
+        self.store.put(Table.PAYLOADS, record.task_id.encode(), record.payload)
+        self.enqueue(record)
+        self.save(record)
+
+    def history(self, task_id: str) -> list[Attempt]:
+        """The ends of a task's attempts, oldest first."""
+        prefix = _history_prefix(task_id.encode())
+        stop = prefix + b"\xff" * _U32.size
+        return [decode_attempt(v) for _, v in self.store.scan(Table.HISTORY, prefix, stop)]
+
+    def record_attempt(self, record: TaskRecord, entry: Attempt) -> None:
+        """Append the end of the record's current attempt to its history."""
+        # Every dispatch has a new attempt number, and each attempt ends once.
+        key = _history_prefix(record.task_id.encode()) + _U32.pack(record.attempt & 0xFFFFFFFF)
+        self.store.put(Table.HISTORY, key, encode_attempt(entry))
+
+    def forget(self, task_id: str) -> None:
+        """Delete everything stored about a task."""
+        key = task_id.encode()
+        self.store.delete(Table.TASKS, key)
+        self.store.delete(Table.PAYLOADS, key)
+        prefix = _history_prefix(key)
+        for hkey, _ in self.store.scan(Table.HISTORY, prefix, prefix + b"\xff" * _U32.size):
+            self.store.delete(Table.HISTORY, hkey)
+        self._records.pop(task_id, None)
+
+    # ------------------------------------------------------------------ queue
+
+    @staticmethod
+    def queue_key(order: int) -> bytes:
+        return _U64.pack(order)
+
+    def enqueue(self, record: TaskRecord) -> None:
+        """The queue entry of a PENDING record at its ``order``."""
+        entry = msgpack.packb([record.task_id, record.name, record.priority])
+        self.store.put(Table.QUEUE, _U64.pack(record.order), entry)
+
+    def take_queued(self, order: int) -> str | None:
+        """Remove a queue entry; the task id it held (None if there was none)."""
+        key = _U64.pack(order)
+        entry = self.store.get(Table.QUEUE, key)
+        if entry is None:
+            return None
+        self.store.delete(Table.QUEUE, key)
+        task_id: str = msgpack.unpackb(entry)[0]
+        return task_id
+
+    def queued(self) -> Iterator[tuple[int, str, int]]:
+        """``(order, name, priority)`` of every queue entry, in order (for recovery)."""
+        for key, entry in self.store.scan(Table.QUEUE):
+            _task_id, name, priority = msgpack.unpackb(entry)
+            yield _U64.unpack(key)[0], name, priority
+
+    def next_order(self) -> int:
+        stored = self.store.get(Table.META, _NEXT_ORDER_KEY)
+        return 0 if stored is None else int(_U64.unpack(stored)[0])
+
+    def store_next_order(self, order: int) -> None:
+        self.store.put(Table.META, _NEXT_ORDER_KEY, _U64.pack(order))
+
+    # ------------------------------------------------------------------ leases
+
+    def lease(self, record: TaskRecord) -> None:
+        """The durable lease of a record's current attempt (on ``record.node_id``)."""
+        value = _U64.pack(record.attempt) + (record.node_id or "").encode()
+        self.store.put(Table.LEASES, record.task_id.encode(), value)
+
+    def end_lease(self, task_id: str) -> None:
+        self.store.delete(Table.LEASES, task_id.encode())
+
+    def leases(self) -> Iterator[tuple[str, int, str]]:
+        """``(task id, attempt, node id)`` of every stored lease (for recovery)."""
+        for key, value in self.store.scan(Table.LEASES):
+            yield key.decode(), _U64.unpack(value[:8])[0], value[8:].decode()
+
+    # ------------------------------------------------------------------ timers
+
+    def set_timer(self, due_ms: int, task_id: str) -> None:
+        self.store.put(Table.TIMERS, _U64.pack(due_ms) + task_id.encode(), b"")
+
+    def clear_timer(self, due_ms: int, task_id: str) -> None:
+        self.store.delete(Table.TIMERS, _U64.pack(due_ms) + task_id.encode())
+
+    def timers(self) -> Iterator[tuple[int, str]]:
+        """``(due_ms, task id)`` of every stored timer (for recovery)."""
+        for key, _ in self.store.scan(Table.TIMERS):
+            yield _U64.unpack(key[:8])[0], key[8:].decode()
+
+    # ------------------------------------------------------------------ results
+
+    def finish(self, record: TaskRecord, expires_ms: int) -> None:
+        """Store a final record, due to be forgotten at ``expires_ms``; a FAILED one is a
+        dead letter until then."""
+        key = record.task_id.encode()
+        if record.status.value == "failed":
+            self.store.put(Table.DEAD, _dead_key(expires_ms, key), b"")
+        self.save(record)
+        self.store.put(Table.EXPIRY, _U64.pack(expires_ms) + key, b"")
+
+    def unfinish(self, record: TaskRecord) -> bool:
+        """Take a dead letter out of the dead-letter and expiry indexes (to queue it again)."""
+        if record.expires_at is None:
+            return False
+        expires_ms = int(record.expires_at * 1000)
+        key = record.task_id.encode()
+        if self.store.get(Table.DEAD, _dead_key(expires_ms, key)) is None:
+            return False
+        self.store.delete(Table.DEAD, _dead_key(expires_ms, key))
+        self.store.delete(Table.EXPIRY, _U64.pack(expires_ms) + key)
+        return True
+
+    def expire(self, now_ms: int) -> int:
+        """Forget finished tasks whose expiry time has passed; how many."""
+        expired = 0
+        for key, _ in self.store.scan(Table.EXPIRY, b"", _U64.pack(now_ms + 1)):
+            self.store.delete(Table.EXPIRY, key)
+            task_id = key[_U64.size :]
+            self.store.delete(Table.DEAD, _dead_key(_U64.unpack(key[:8])[0], task_id))
+            self.forget(task_id.decode())
+            expired += 1
+        return expired
+
+    def dead_letters(self, limit: int) -> list[TaskRecord]:
+        """FAILED tasks, newest first (reads only what it returns)."""
+        records = []
+        for key, _ in self.store.scan(Table.DEAD):
+            record = self.get(key[_U64.size :].decode())
+            if record is not None and record.status.value == "failed":
+                records.append(record)
+                if len(records) >= limit:
+                    break
+        return records
+
+    def count_dead(self) -> int:
+        return self.store.count(Table.DEAD)
+
+    def count_results(self) -> int:
+        return self.store.count(Table.EXPIRY)
+
+    # ------------------------------------------------------------------ format
+
+    def check_format(self) -> None:
+        """Refuse a store in a layout this broker does not read; migrate format 1."""
+        stored = self.store.get(Table.META, _FORMAT_KEY)
+        if stored is None:  # a new store, or one from before the marker: ask a record
+            first = next(iter(self.store.scan(Table.TASKS)), None)
+            if first is None or msgpack.unpackb(first[1])[0] != 1:
+                self.store.put(Table.META, _FORMAT_KEY, _U64.pack(STORE_FORMAT))
+                return
+            stored = _U64.pack(1)
+        version = _U64.unpack(stored)[0]
+        if version == 1:
+            self._migrate_from_format_1()
+        elif version != STORE_FORMAT:
+            raise StoreFormatError(
+                f"the data directory holds store format {version}; this broker reads "
+                f"format {STORE_FORMAT}: run the matching Flowrra version"
+            )
+
+    def _migrate_from_format_1(self) -> None:
+        """Split arguments and history out of format 1 records (in this tick's commit)."""
+        for key, data in list(self.store.scan(Table.TASKS)):
+            record, history = TaskRecord.decode_format_1(data)
+            self.store.put(Table.PAYLOADS, key, record.payload)
+            for entry in history:
+                current, record.attempt = record.attempt, entry.attempt
+                self.record_attempt(record, entry)
+                record.attempt = current
+            self.store.put(Table.TASKS, key, record.encode())
+        self.store.put(Table.META, _FORMAT_KEY, _U64.pack(STORE_FORMAT))
