@@ -48,6 +48,7 @@ class Broker(Protocol):
     def dead_letters(self, limit: int) -> list[TaskRecord]: ...
     def purge(self, priority: int | None) -> int: ...
     def requeue_failed(self, task_id: str, now: float) -> bool: ...
+    def cancel(self, task_id: str, now: float) -> bool: ...
     def stored_counts(self) -> dict[str, int]: ...
 
 
@@ -148,6 +149,11 @@ def dead_retry(broker: Broker, args: dict[str, Any], now: float) -> str:
     return task_id
 
 
+def cancel(broker: Broker, args: dict[str, Any], now: float) -> bool:
+    """Stop a task before it finishes; False if it had finished or is unknown."""
+    return broker.cancel(_task_id(args), now)
+
+
 def _task_id(args: dict[str, Any]) -> str:
     task_id = args.get("task_id")
     if not isinstance(task_id, str) or not task_id:
@@ -162,6 +168,7 @@ VERBS: dict[str, Callable[[Broker, dict[str, Any], float], Any]] = {
     "purge": purge,
     "dead_list": dead_list,
     "dead_retry": dead_retry,
+    "cancel": cancel,
 }
 
 

@@ -49,6 +49,9 @@ _GET_REPLY_PIECES = 4
 # tick (after this one's commit and sends): keeps every tick to a few tens of milliseconds.
 TICK_ITEMS = 5000
 TICK_REPLY_BYTES = 64 * 1024 * 1024
+EXPIRED = TaskStatus.EXPIRED
+# Statuses of tasks that wait for a timer or a slot: they may still expire.
+_WAITING = frozenset((TaskStatus.SCHEDULED, TaskStatus.PENDING, TaskStatus.RETRYING))
 # Commands whose content does not depend on the store (kept when a commit fails).
 _STATELESS = frozenset(
     bytes([c]) for c in (Command.WELCOME, Command.HEARTBEAT, Command.RECONNECT, Command.ERROR)
@@ -224,7 +227,7 @@ class Broker:
             if node is not None:
                 # Its slot stays busy: the node may still be running the attempt.
                 node.leases.discard(task_id)
-                node.overdue[(task_id, attempt)] = lease.kind
+                node.unreported[(task_id, attempt)] = lease.kind
             self.counters["overdue"] += 1
             self._requeue_lost(task_id, now, count_loss=True)
 
@@ -258,10 +261,14 @@ class Broker:
         return lease
 
     def _set_timer(self, record: TaskRecord, due_at: float) -> None:
+        record.retry_at = int(due_at * 1000) / 1000
+        self._wake_at(record.task_id, due_at)
+
+    def _wake_at(self, task_id: str, due_at: float) -> None:
+        """A durable timer: :meth:`fire_timers` looks at the task again at ``due_at``."""
         due_ms = int(due_at * 1000)
-        record.retry_at = due_ms / 1000
-        self.repo.set_timer(due_ms, record.task_id)
-        self.timers.schedule(due_ms, record.task_id)
+        self.repo.set_timer(due_ms, task_id)
+        self.timers.schedule(due_ms, task_id)
 
     # ------------------------------------------------------------------ recovery
 
@@ -443,9 +450,7 @@ class Broker:
             stored = self.repo.get(sub.task_id)
             if stored is None:
                 record = TaskRecord.from_submission(sub, self._take_order())
-                record.queued_at = time.time()
-                self.repo.add(record)
-                self.queues.push(record.name, record.priority, record.order)
+                self._add(record, now)
                 self.counters["submitted"] += 1
                 for observer in self.observers:
                     observer.submitted(record.name)
@@ -463,6 +468,21 @@ class Broker:
                 )
                 continue
             acks.append([sub.task_id, None])
+
+    def _add(self, record: TaskRecord, now: float) -> None:
+        """Store a new task: queued, or SCHEDULED until its eta, with a timer for its
+        deadline; all in this tick's commit."""
+        if record.eta is not None and record.eta > now:
+            record.status = TaskStatus.SCHEDULED
+            self.repo.add(record, queued=False)
+            self._wake_at(record.task_id, record.eta)
+        else:
+            record.eta = None
+            record.queued_at = time.time()
+            self.repo.add(record)
+            self.queues.push(record.name, record.priority, record.order)
+        if record.deadline is not None:
+            self._wake_at(record.task_id, record.deadline)
 
     def answer_get(self, peer: bytes, body: object) -> None:
         if not isinstance(body, list) or len(body) != 2 or not isinstance(body[0], int):
@@ -684,7 +704,10 @@ class Broker:
             return
         record = self.repo.get(task_id)
         if record is None or record.status is not TaskStatus.PENDING:
-            return  # expired or finished meanwhile
+            return  # finished meanwhile
+        if record.deadline is not None and now >= record.deadline:
+            self._expire(record, now, queued=False)  # its timer has not fired yet
+            return
         record.attempt += 1
         record.status = TaskStatus.RUNNING
         record.node_id = node.node_id
@@ -709,9 +732,9 @@ class Broker:
         for outcome in outcomes:
             lease = self.leases.get(outcome.task_id)
             if lease is None or lease.attempt != outcome.attempt:
-                if node is not None and node.overdue:
-                    kind = node.overdue.pop((outcome.task_id, outcome.attempt), None)
-                    if kind is not None:  # an overdue attempt ended after all: slot is free
+                if node is not None and node.unreported:
+                    kind = node.unreported.pop((outcome.task_id, outcome.attempt), None)
+                    if kind is not None:  # a taken-back attempt ended after all: slot is free
                         node.free[kind] += 1
                 self.counters["stale_results"] += 1
                 log.debug("ignored a stale result for %s#%d", outcome.task_id, outcome.attempt)
@@ -752,7 +775,11 @@ class Broker:
                 ),
             )
             if outcome.error is not None and record.retries < record.max_retries:
-                self._schedule_retry(record, outcome.error, now)
+                due = now + backoff_s(record.retry_delay_s, record.retries + 1)
+                if record.deadline is not None and due >= record.deadline:
+                    self._expire(record, now, queued=False, after=outcome.error)
+                else:
+                    self._schedule_retry(record, outcome.error, now)
             else:
                 self._finish(record, outcome.value, outcome.error, now, outcome.finished_at)
         if node is None:
@@ -786,9 +813,12 @@ class Broker:
         error: ErrorInfo | None,
         now: float,
         finished_at: float | None = None,
+        status: TaskStatus | None = None,
     ) -> None:
+        """Give a record its final status: SUCCESS or FAILED by ``error``, or ``status``."""
         record.finished_at = finished_at or now
         record.retry_at = None
+        record.eta = None
         record.node_id = None
         self.finished_per_second.add(now)
         if error is None:
@@ -797,11 +827,12 @@ class Broker:
             record.error = record.traceback = None
             self.counters["succeeded"] += 1
         else:
-            record.status = TaskStatus.FAILED
+            record.status = status or TaskStatus.FAILED
             record.error = f"{error.exc_type}: {error.message}"
             record.traceback = error.traceback
-            self.counters["failed"] += 1
-            log.warning("task %s (%s) failed: %s", record.task_id, record.name, record.error)
+            self.counters[record.status.value] += 1
+            if record.status is TaskStatus.FAILED:
+                log.warning("task %s (%s) failed: %s", record.task_id, record.name, record.error)
         expires_ms = int((now + self.config.result_ttl_s) * 1000)
         record.expires_at = expires_ms / 1000
         self.repo.finish(record, expires_ms)
@@ -816,16 +847,72 @@ class Broker:
     # ------------------------------------------------------------------ time
 
     def fire_timers(self, now: float) -> None:
-        for due_ms, task_id in self.timers.pop_due(now * 1000):
+        now_ms = int(now * 1000)
+        for due_ms, task_id in self.timers.pop_due(now_ms):
             self.repo.clear_timer(due_ms, task_id)
             record = self.repo.get(task_id)
-            if record is None or record.status is not TaskStatus.RETRYING:
+            if record is None or record.status not in _WAITING:
+                continue  # a timer of a task that moved on (started, finished, cancelled)
+            if record.deadline is not None and now >= record.deadline:
+                self._expire(record, now, queued=record.status is TaskStatus.PENDING)
                 continue
+            if record.status is TaskStatus.PENDING:
+                continue  # a deadline timer of a queued task that is not due yet
+            due_at = record.retry_at if record.status is TaskStatus.RETRYING else record.eta
+            if due_at is not None and now_ms < int(due_at * 1000):
+                continue  # this was its deadline timer; its own is still to come
             record.status = TaskStatus.PENDING
-            record.retry_at = None
+            record.retry_at = record.eta = None
             record.order = self._take_order()
             self._enqueue(record)  # sets queued_at, saved next
             self.repo.save(record)
+
+    def _expire(
+        self, record: TaskRecord, now: float, *, queued: bool, after: ErrorInfo | None = None
+    ) -> None:
+        """End a task that did not start before its deadline (it never runs again)."""
+        if queued:
+            self._unqueue(record)
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.deadline or now))
+        message = f"the task did not start before its deadline ({when})"
+        if after is not None:
+            message += f"; its last attempt failed with {after.exc_type}: {after.message}"
+        self._finish(record, None, ErrorInfo("TaskExpired", message, None), now, status=EXPIRED)
+
+    def _unqueue(self, record: TaskRecord) -> None:
+        self.queues.discard(record.name, record.priority, record.order)
+        self.repo.take_queued(record.order)
+
+    def cancel(self, task_id: str, now: float) -> bool:
+        """Stop a task before it finishes; False if it is finished or unknown.
+
+        Queued, scheduled and retrying tasks never run; a running attempt is cancelled on
+        its node (its slot stays busy until the node reports it). The task ends CANCELLED,
+        durably, in this tick's commit; a late result of the attempt is fenced out.
+        """
+        lease = self.leases.get(task_id)
+        if lease is not None:
+            record = self._leased_record(lease)
+            self._end_lease(task_id)
+            node = self.nodes.get(lease.node)
+            if node is not None:
+                node.leases.discard(task_id)
+                node.unreported[(task_id, lease.attempt)] = lease.kind
+                self.outbox.send(node.peer, Command.CANCEL, [[task_id, lease.attempt]])
+            if record is None:
+                return False
+            self.repo.record_attempt(record, record.attempt_end("cancelled", finished_at=now))
+        else:
+            record = self.repo.get(task_id)
+            if record is None or record.status.is_final:
+                return False
+            if record.status is TaskStatus.PENDING:
+                self._unqueue(record)
+            # A scheduled or retrying task's timer finds it final and does nothing.
+        error = ErrorInfo("TaskCancelled", "the task was cancelled", None)
+        self._finish(record, None, error, now, status=TaskStatus.CANCELLED)
+        log.info("task %s (%s) cancelled", task_id, record.name)
+        return True
 
     def expire_results(self, now: float) -> None:
         """Forget finished tasks whose result TTL has passed."""

@@ -34,6 +34,9 @@ class TaskQueues:
         self._heaps: dict[str, list[int]] = {}
         self._size = 0
         self._by_priority: dict[int, int] = {}
+        # Entries taken out of the middle of a heap (cancelled, expired): skipped when they
+        # reach its top, so a removal costs O(1) instead of rebuilding the heap.
+        self._discarded: set[int] = set()
 
     def __len__(self) -> int:
         return self._size
@@ -45,6 +48,33 @@ class TaskQueues:
         heapq.heappush(self._heaps.setdefault(name, []), queue_key(priority, order))
         self._size += 1
         self._by_priority[priority] = self._by_priority.get(priority, 0) + 1
+
+    def discard(self, name: str, priority: int, order: int) -> bool:
+        """Take out a task the caller knows is queued (it is skipped when it comes up)."""
+        key = queue_key(priority, order)
+        heap = self._heaps.get(name)
+        if heap is None or key in self._discarded:
+            return False
+        self._discarded.add(key)
+        self._count_out(priority)
+        if heap[0] == key:
+            self._skip_discarded(name, heap)
+        return True
+
+    def _count_out(self, priority: int) -> None:
+        self._size -= 1
+        remaining = self._by_priority[priority] - 1
+        if remaining:
+            self._by_priority[priority] = remaining
+        else:
+            del self._by_priority[priority]
+
+    def _skip_discarded(self, name: str, heap: list[int]) -> None:
+        discarded = self._discarded
+        while heap and heap[0] in discarded:
+            discarded.discard(heapq.heappop(heap))
+        if not heap:
+            del self._heaps[name]
 
     def pop_best(self, names: Iterable[str]) -> tuple[str, int, int] | None:
         """Remove and return ``(name, priority, order)`` of the best task among ``names``."""
@@ -59,15 +89,12 @@ class TaskQueues:
             return None
         heap = heaps[best_name]
         heapq.heappop(heap)
-        if not heap:
+        if self._discarded:
+            self._skip_discarded(best_name, heap)
+        elif not heap:
             del heaps[best_name]
-        self._size -= 1
         priority, order = split_key(best)
-        remaining = self._by_priority[priority] - 1
-        if remaining:
-            self._by_priority[priority] = remaining
-        else:
-            del self._by_priority[priority]
+        self._count_out(priority)
         return best_name, priority, order
 
     def remove(self, priority: int | None = None) -> list[tuple[str, int, int]]:
@@ -76,6 +103,8 @@ class TaskQueues:
         for name in list(self._heaps):
             keep: list[int] = []
             for key in self._heaps[name]:
+                if key in self._discarded:
+                    continue
                 entry_priority, order = split_key(key)
                 if priority is None or entry_priority == priority:
                     removed.append((name, entry_priority, order))
@@ -86,13 +115,9 @@ class TaskQueues:
                 self._heaps[name] = keep
             else:
                 del self._heaps[name]
+        self._discarded.clear()  # every discarded key was in a heap just rebuilt
         for _, entry_priority, _ in removed:
-            self._size -= 1
-            remaining = self._by_priority[entry_priority] - 1
-            if remaining:
-                self._by_priority[entry_priority] = remaining
-            else:
-                del self._by_priority[entry_priority]
+            self._count_out(entry_priority)
         return removed
 
     def has_work(self, names: Iterable[str]) -> bool:

@@ -58,6 +58,8 @@ class TaskRecord:
     worker_losses: int = 0
     expires_at: float | None = None  # when a finished task's record is forgotten
     queued_at: float | None = None  # when it last entered a queue (for the queue-wait metric)
+    eta: float | None = None  # not to start before (a countdown or eta), while SCHEDULED
+    deadline: float | None = None  # expires if not started by then (``expires=``)
 
     @classmethod
     def from_submission(cls, sub: Submission, order: int) -> TaskRecord:
@@ -71,6 +73,8 @@ class TaskRecord:
             sub.timeout_s,
             sub.submitted_at,
             order=order,
+            eta=sub.eta,
+            deadline=sub.deadline,
         )
 
     def encode(self) -> bytes:
@@ -100,6 +104,8 @@ class TaskRecord:
                 self.worker_losses,
                 self.expires_at,
                 self.queued_at,
+                self.eta,
+                self.deadline,
             ],
             use_bin_type=True,
         )
@@ -165,4 +171,5 @@ class TaskRecord:
             "submitted_at": self.submitted_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "eta": self.eta if self.status is TaskStatus.SCHEDULED else None,
         }

@@ -43,9 +43,9 @@ class NodeState:
     last_sent_ms: float
     joined_ms: float
     leases: set[str] = field(default_factory=set)  # task ids
-    # Attempts taken back from this node as overdue (task id, attempt) -> slot kind: their
-    # slots stay busy (the node may still be running them) until it reports them.
-    overdue: dict[tuple[str, int], SlotKind] = field(default_factory=dict)
+    # Attempts taken back from this node (overdue or cancelled), (task id, attempt) -> slot
+    # kind: their slots stay busy (the node may still be running them) until it reports them.
+    unreported: dict[tuple[str, int], SlotKind] = field(default_factory=dict)
     tasks_done: int = 0
     tasks_failed: int = 0
     paused: bool = False  # draining for shutdown: finishes what it holds, takes nothing new

@@ -90,10 +90,11 @@ class TaskRepository:
         self.store.put(Table.TASKS, record.task_id.encode(), record.encode())
         self._records[record.task_id] = record
 
-    def add(self, record: TaskRecord) -> None:
-        """Store a new task with its arguments, and queue it."""
+    def add(self, record: TaskRecord, *, queued: bool = True) -> None:
+        """Store a new task with its arguments, and queue it (unless it waits for a timer)."""
         self.store.put(Table.PAYLOADS, record.task_id.encode(), record.payload)
-        self.enqueue(record)
+        if queued:
+            self.enqueue(record)
         self.save(record)
 
     def history(self, task_id: str) -> list[Attempt]:

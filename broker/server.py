@@ -14,13 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from broker.config import BrokerConfig
 from broker.core import Broker
-from broker.store import Durability, LmdbStore, MemoryStore, Store, StoreFullError
+from broker.store import Durability, LmdbStore, MemoryStore, Store, StoreError
 from flowrra.transport import BrokerEndpoint, Wakeup
 
 log = logging.getLogger("flowrra.broker")
 
 # Most messages handled per tick: bounds the latency of a tick while still batching.
 DRAIN_LIMIT = 2000
+# While commits keep failing (a full disk), the error is logged again at most this often.
+FAILURE_LOG_INTERVAL_S = 30.0
 
 
 def open_store(config: BrokerConfig) -> Store:
@@ -46,6 +48,11 @@ class BrokerService:
         durable = isinstance(store, LmdbStore) and store.durability is Durability.FULL
         self._writer = ThreadPoolExecutor(1, "flowrra-commit") if durable else None
         self.ready = asyncio.Event()
+        # Since when commits fail (None while they succeed), how many did, and when to say so
+        # again in the log.
+        self._failing_since: float | None = None
+        self._failed_commits = 0
+        self._next_failure_log = 0.0
 
     def stop(self) -> None:
         self._stopping = True
@@ -104,12 +111,38 @@ class BrokerService:
                 self.store.commit()
             else:
                 await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit)
-        except StoreFullError as exc:
-            # Nothing of this tick reached the disk: say so to the submitters instead of
-            # acknowledging tasks the store does not hold.
+        except (StoreError, OSError) as exc:
+            self._commit_failed(exc)
+            return
+        if self._failing_since is not None:
+            log.warning(
+                "the store accepts writes again, after %d failed commits in %.1fs",
+                self._failed_commits,
+                time.time() - self._failing_since,
+            )
+            self._failing_since = None
+
+    def _commit_failed(self, exc: Exception) -> None:
+        """Nothing of this tick reached the disk (a full or failing disk, see
+        docs/operations.md): refuse its submissions instead of acknowledging tasks the store
+        does not hold, roll the broker back to what the store holds, and keep serving."""
+        now = time.time()
+        self.broker.counters["failed_commits"] += 1
+        if self._failing_since is None:
+            self._failing_since, self._failed_commits = now, 0
+            self._next_failure_log = now + FAILURE_LOG_INTERVAL_S
             log.error("commit failed, refusing this tick's submissions: %s", exc)
-            self.store.discard()
-            self.broker.abandon_tick(str(exc), time.time())
+        elif now >= self._next_failure_log:
+            self._next_failure_log = now + FAILURE_LOG_INTERVAL_S
+            log.error(
+                "commits still failing (%d in %.0fs), submissions refused: %s",
+                self._failed_commits + 1,
+                now - self._failing_since,
+                exc,
+            )
+        self._failed_commits += 1
+        self.store.discard()
+        self.broker.abandon_tick(str(exc), now)
 
     def _send_dispatches(self, now: float) -> None:
         send = self.endpoint.send

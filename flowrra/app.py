@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -15,7 +16,7 @@ from flowrra.errors import FlowrraError, SubmitRejected, TaskNotFoundError
 from flowrra.protocol import Submission, pack_args
 from flowrra.result import TaskResult
 from flowrra.security import client_keys
-from flowrra.task import TaskSpec, check_priority, make_spec
+from flowrra.task import TaskSpec, check_priority, make_spec, time_options
 from flowrra.transport import InprocHub, Wakeup, ZmqConnector
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ class Flowrra:
         kwargs: dict[str, Any],
         priority: int | None,
         task_id: str | None = None,
+        times: tuple[float | None, float | None] = (None, None),
     ) -> Submission:
         if task_id is not None and (
             not isinstance(task_id, str)
@@ -258,6 +260,8 @@ class Flowrra:
             retry_delay_s=spec.retry_delay,
             timeout_s=spec.timeout,
             submitted_at=time.time(),
+            eta=times[0],
+            deadline=times[1],
         )
 
     async def submit(
@@ -266,19 +270,28 @@ class Flowrra:
         *args: Any,
         priority: int | None = None,
         task_id: str | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        expires: float | dt.datetime | None = None,
         **kwargs: Any,
     ) -> str:
         """Queue one call of ``task``; returns its id once the broker has stored it.
 
         Arguments must be msgpack values (plus datetime and bytes); anything else raises
         :class:`~flowrra.errors.SerializationError` before anything is sent. ``priority``
-        overrides the task's default; ``task_id`` makes the submit idempotent: submitting an
-        id the broker already has queues nothing new and returns the same id.
+        overrides the task's default; ``task_id`` makes the submit idempotent: submitting the
+        same call under an id the broker already has queues nothing new and returns the same
+        id (another call under it raises :class:`~flowrra.errors.TaskIdConflict`).
+
+        ``countdown`` (seconds) or ``eta`` (a timezone-aware datetime) delays the start: the
+        broker keeps the task SCHEDULED until then. ``expires`` (seconds from now, or an
+        aware datetime) ends a task that has not started by then as EXPIRED.
         """
         check_priority(priority)
+        times = time_options(countdown, eta, expires)
         spec = self.spec_for(task)
         client = self._connected()
-        submission = self._submission(client, spec, args, kwargs, priority, task_id)
+        submission = self._submission(client, spec, args, kwargs, priority, task_id, times)
         await client.submit([submission])
         return submission.task_id
 
@@ -288,13 +301,18 @@ class Flowrra:
         calls: Iterable[Iterable[Any] | tuple[Iterable[Any], dict[str, Any]]],
         *,
         priority: int | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        expires: float | dt.datetime | None = None,
     ) -> list[str]:
         """Queue many calls of one task with a single acknowledgement.
 
         Each item of ``calls`` is a sequence of positional arguments, or an
         ``(args, kwargs)`` pair when it is a 2-tuple whose second item is a dict.
+        ``countdown``, ``eta`` and ``expires`` apply to every call, as in :meth:`submit`.
         """
         check_priority(priority)
+        times = time_options(countdown, eta, expires)
         spec = self.spec_for(task)
         client = self._connected()
         submissions = []
@@ -308,7 +326,7 @@ class Flowrra:
                 args, kwargs = call
             else:
                 args, kwargs = call, {}
-            submissions.append(self._submission(client, spec, args, kwargs, priority))
+            submissions.append(self._submission(client, spec, args, kwargs, priority, None, times))
         task_ids = [s.task_id for s in submissions]
         try:
             await client.submit(submissions)
@@ -323,6 +341,18 @@ class Flowrra:
         """Wait until the task is complete; raises TimeoutError after ``timeout`` seconds."""
         record = await self._connected().wait(task_id, timeout)
         return TaskResult.from_record(record)
+
+    async def cancel(self, task_id: str) -> bool:
+        """Stop a task before it finishes; True if this call stopped it.
+
+        A queued, scheduled or retrying task never runs; a running one is cancelled on its
+        node (an ``async def`` sees ``CancelledError``, a ``cpu_bound`` call's worker process
+        is killed and replaced). It ends CANCELLED with no retries, and waiters wake. A
+        finished task or an unknown id gives False and changes nothing.
+        """
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError(f"task_id must be a non-empty string: {task_id!r}")
+        return bool(await self._connected().admin("cancel", task_id=task_id))
 
     async def get_result(self, task_id: str) -> TaskResult | None:
         """The task's current state without waiting; None for an unknown id."""

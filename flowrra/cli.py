@@ -7,8 +7,10 @@ import contextlib
 import datetime as dt
 import json
 import math
+import signal
 import sys
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -144,6 +146,68 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except TimeoutError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(ExitCode.FAILURE)
+
+
+class CtrlC:
+    """SIGINT handling owned by a command that runs until Ctrl-C (``status --watch``).
+
+    ``asyncio.run`` installs its own Ctrl-C handler only when SIGINT still has Python's
+    default handler. A process that inherits SIGINT *ignored* (a background job of a
+    non-interactive shell, and every process that job starts: ``pytest`` run that way and the
+    CLI it launches) never gets one, so Ctrl-C did nothing there. Inside :meth:`installed`,
+    SIGINT is always handled, whatever it was inherited as, from before the event loop exists
+    until after it is gone:
+
+    * the first SIGINT sets :attr:`requested` and, while a coroutine is :meth:`attach`-ed,
+      cancels it through the loop (which also wakes the loop's selector). The coroutine
+      checks :attr:`requested` too, so a cancellation swallowed on the way (Python 3.11's
+      ``asyncio.wait_for`` drops one that races with its result) still ends it;
+    * every further SIGINT raises :class:`KeyboardInterrupt` at once, in case the cleanup
+      after the first one is itself stuck.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[CtrlC]:
+        try:
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: signals are not ours to handle
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            # None: the previous handler was not set from Python; the default is closest.
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+    @contextlib.contextmanager
+    def attach(self) -> Iterator[None]:
+        """Make the current task the one the first SIGINT cancels (call inside it)."""
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        try:
+            yield
+        finally:
+            self._loop = self._task = None
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            # Not task.cancel() here: this runs between any two bytecodes, possibly in the
+            # middle of the event loop's own code.
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_cancel_task, task)
+
+
+def _cancel_task(task: asyncio.Task[Any]) -> None:
+    if not task.done():
+        task.cancel()
 
 
 async def _admin(obj: dict[str, Any], verb: str, **args: Any) -> Any:
@@ -302,35 +366,42 @@ def status(obj: dict[str, Any], watch: bool, interval: float, as_json: bool) -> 
         else:
             click.echo("\n".join(render_status(reply)))
         return
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends watching: a normal exit
-        _run(_watch_status(obj, interval, as_json))
+    # Ctrl-C ends watching, at any moment: a normal exit.
+    with CtrlC().installed() as ctrl_c, contextlib.suppress(KeyboardInterrupt):
+        _run(_watch_status(obj, interval, as_json, ctrl_c))
     sys.exit(ExitCode.OK)
 
 
-async def _watch_status(obj: dict[str, Any], interval: float, as_json: bool) -> None:
-    client = _client(obj)
-    await client.connect()
-    terminal = sys.stdout.isatty()
-    try:
-        while True:
-            try:
-                reply: Any = await client.admin("status")
-                error = None
-            except BrokerUnavailable as exc:
-                reply, error = None, str(exc)
-            if as_json:
-                _echo_json(reply if error is None else {"error": error})
-            else:
-                now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-                header = f"every {interval:g}s: flowrra status {obj['broker']}  {now}"
-                body = render_status(reply) if error is None else [f"error: {error}"]
-                frame = "\n".join([header, "", *body])
-                # On a terminal, clear and redraw in one write; piped, frames follow each
-                # other separated by a blank line.
-                click.echo(_CLEAR + frame if terminal else frame + "\n")
-            await asyncio.sleep(interval)
-    finally:
-        await client.close()
+async def _watch_status(obj: dict[str, Any], interval: float, as_json: bool, ctrl_c: CtrlC) -> None:
+    with ctrl_c.attach():
+        if ctrl_c.requested:  # Ctrl-C before the loop started
+            return
+        client = _client(obj)
+        try:
+            await client.connect()
+            terminal = sys.stdout.isatty()
+            while not ctrl_c.requested:
+                try:
+                    reply: Any = await client.admin("status")
+                    error = None
+                except BrokerUnavailable as exc:
+                    reply, error = None, str(exc)
+                if as_json:
+                    _echo_json(reply if error is None else {"error": error})
+                else:
+                    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+                    header = f"every {interval:g}s: flowrra status {obj['broker']}  {now}"
+                    body = render_status(reply) if error is None else [f"error: {error}"]
+                    frame = "\n".join([header, "", *body])
+                    # On a terminal, clear and redraw in one write; piped, frames follow
+                    # each other separated by a blank line.
+                    click.echo(_CLEAR + frame if terminal else frame + "\n")
+                await asyncio.sleep(interval)
+        except asyncio.CancelledError:
+            if not ctrl_c.requested:
+                raise
+        finally:
+            await client.close()
 
 
 # --------------------------------------------------------------------------- inspect

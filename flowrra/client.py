@@ -28,7 +28,7 @@ from flowrra.errors import (
     SubmitRejected,
     TaskIdConflict,
 )
-from flowrra.protocol import Command, Submission, TaskStatus, Welcome
+from flowrra.protocol import Command, Submission, Welcome
 from flowrra.transport import Connector, Link, Subscriber, Wakeup
 
 log = logging.getLogger("flowrra.client")
@@ -47,7 +47,7 @@ RESULT_CACHE_SIZE = 50_000
 # Submissions per SUBMIT message: large enough to batch, small enough to stay far below the
 # broker's message size limit with typical payloads.
 SUBMIT_BATCH = 1000
-_FINAL = (TaskStatus.SUCCESS.value, TaskStatus.FAILED.value)
+_FINAL = protocol.FINAL_STATUS_VALUES
 
 
 class _AckWait:

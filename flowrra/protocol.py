@@ -89,6 +89,7 @@ class Command(enum.IntEnum):
     ERROR = 0x24
     RECONNECT = 0x25
     ADMIN_REPLY = 0x26
+    CANCEL = 0x27  # broker -> node: stop these running attempts (a user cancelled them)
     # broker PUB socket (first frame is the topic: the task id)
     RESULT = 0x30
     SUBSCRIBED = 0x31
@@ -105,16 +106,25 @@ NODE_ONLY_COMMANDS: Final = frozenset(
 class TaskStatus(enum.StrEnum):
     """Where a task is in its life."""
 
+    SCHEDULED = "scheduled"  # waiting for its eta (countdown)
     PENDING = "pending"
     RUNNING = "running"
     RETRYING = "retrying"
     SUCCESS = "success"
     FAILED = "failed"
+    EXPIRED = "expired"  # not started before its deadline; never ran
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
-        """True for SUCCESS and FAILED: the status will not change any more."""
-        return self in (TaskStatus.SUCCESS, TaskStatus.FAILED)
+        """True once the status will not change any more."""
+        return self in _FINAL_STATUSES
+
+
+_FINAL_STATUSES: Final = frozenset(
+    (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.EXPIRED, TaskStatus.CANCELLED)
+)
+FINAL_STATUS_VALUES: Final = frozenset(status.value for status in _FINAL_STATUSES)
 
 
 class SlotKind(enum.StrEnum):
@@ -323,8 +333,12 @@ class Submission(NamedTuple):
     retry_delay_s: float
     timeout_s: float | None
     submitted_at: float
+    eta: float | None = None  # Unix seconds: not to start before (countdown, eta)
+    deadline: float | None = None  # Unix seconds: expire if not started by then
 
     def to_wire(self) -> list[Any]:
+        if self.eta is None and self.deadline is None:
+            return list(self[:8])  # the 8-field item of clients without time options
         return list(self)
 
 
@@ -349,7 +363,9 @@ def split_submit(body: object) -> tuple[list[Submission], list[tuple[str, str]]]
         f"SUBMIT carries more than {MAX_ITEMS_PER_MESSAGE} items",
     )
     for item in items:
-        _expect(isinstance(item, list) and len(item) == 8, "SUBMIT item must have 8 fields")
+        _expect(
+            isinstance(item, list) and len(item) in (8, 10), "SUBMIT item must have 8 or 10 fields"
+        )
         _expect(isinstance(item[0], str), "SUBMIT item must start with a task id")
         try:
             valid.append(_submission(item))
@@ -359,7 +375,12 @@ def split_submit(body: object) -> tuple[list[Submission], list[tuple[str, str]]]
 
 
 def _submission(item: list[Any]) -> Submission:
-    task_id, name, priority, payload, max_retries, retry_delay, timeout, submitted_at = item
+    task_id, name, priority, payload, max_retries, retry_delay, timeout, submitted_at = item[:8]
+    eta = deadline = None
+    if len(item) == 10:
+        eta, deadline = item[8], item[9]
+        _expect(eta is None or _is_number(eta), "bad eta")
+        _expect(deadline is None or _is_number(deadline), "bad expires")
     # One combined check on the hot path; the slow path below says what was wrong.
     if (
         type(task_id) is str
@@ -386,6 +407,8 @@ def _submission(item: list[Any]) -> Submission:
             float(retry_delay),
             None if timeout is None else float(timeout),
             float(submitted_at),
+            None if eta is None else float(eta),
+            None if deadline is None else float(deadline),
         )
     _expect(isinstance(task_id, str) and 0 < len(task_id) <= MAX_TASK_ID_CHARS, "bad task id")
     _expect(len(task_id.encode()) <= MAX_TASK_ID_BYTES, "task id longer than 200 bytes")
@@ -421,6 +444,18 @@ class Dispatch(NamedTuple):
 
     def to_wire(self) -> list[Any]:
         return list(self)
+
+
+def parse_cancel(body: object) -> list[tuple[str, int]]:
+    """``[[task_id, attempt], ...]`` of a CANCEL."""
+    out: list[tuple[str, int]] = []
+    for item in _list_body(body, "CANCEL"):
+        _expect(
+            type(item) is list and len(item) == 2 and type(item[0]) is str and _is_int(item[1]),
+            "CANCEL items must be [task_id, attempt]",
+        )
+        out.append((item[0], item[1]))
+    return out
 
 
 def parse_tasks(body: object) -> list[Dispatch]:
@@ -711,6 +746,7 @@ RECORD_FIELDS: Final = (
     "submitted_at",
     "started_at",
     "finished_at",
+    "eta",  # when a SCHEDULED task is due (Unix seconds) or None
 )
 
 
@@ -736,7 +772,8 @@ def parse_record(body: object) -> dict[str, Any]:
     _expect(
         _optional_number(m["submitted_at"])
         and _optional_number(m["started_at"])
-        and _optional_number(m["finished_at"]),
+        and _optional_number(m["finished_at"])
+        and _optional_number(m["eta"]),
         "bad record times",
     )
     return m

@@ -27,6 +27,7 @@ class TaskResult:
     submitted_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    eta: dt.datetime | None = None  # when a SCHEDULED task is due
 
     @property
     def success(self) -> bool:
@@ -35,7 +36,7 @@ class TaskResult:
 
     @property
     def is_complete(self) -> bool:
-        """True once the task has a final status (success or failed)."""
+        """True once the task has a final status (success, failed, expired or cancelled)."""
         return self.status.is_final
 
     @classmethod
@@ -53,4 +54,5 @@ class TaskResult:
             submitted_at=_when(record["submitted_at"]),
             started_at=_when(record["started_at"]),
             finished_at=_when(record["finished_at"]),
+            eta=_when(record["eta"]),
         )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -140,3 +142,45 @@ def check_priority(priority: object) -> None:
 
 def _finite_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def time_options(
+    countdown: float | None,
+    eta: dt.datetime | None,
+    expires: float | dt.datetime | None,
+    now: float | None = None,
+) -> tuple[float | None, float | None]:
+    """Submit's time options as Unix seconds: (not before, deadline). Bad ones raise
+    ValueError (TypeError for a value of the wrong type)."""
+    if countdown is not None and eta is not None:
+        raise ValueError("give countdown or eta, not both")
+    now = time.time() if now is None else now
+    start: float | None = None
+    if countdown is not None:
+        if not _finite_number(countdown) or countdown < 0:
+            raise ValueError(
+                f"countdown must be a finite number of seconds >= 0, got {countdown!r}"
+            )
+        start = now + countdown
+    elif eta is not None:
+        start = aware_timestamp(eta, "eta")
+    deadline: float | None = None
+    if isinstance(expires, dt.datetime):
+        deadline = aware_timestamp(expires, "expires")
+    elif expires is not None:
+        if not _finite_number(expires) or expires < 0:
+            raise ValueError(f"expires must be seconds >= 0 or an aware datetime, got {expires!r}")
+        deadline = now + expires
+    return start, deadline
+
+
+def aware_timestamp(value: object, what: str) -> float:
+    """The Unix time of a timezone-aware datetime (a naive one is ambiguous: refused)."""
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"{what} must be a timezone-aware datetime, got {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"{what} must be a timezone-aware datetime (naive {value.isoformat()} is ambiguous): "
+            "use e.g. datetime.now(timezone.utc)"
+        )
+    return value.timestamp()

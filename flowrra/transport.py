@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -58,10 +58,48 @@ def recv_frames(socket: zmq.Socket[bytes], flags: int = 0) -> Frames:
     return frames
 
 
-# Socket high-water marks. Peers bound what they put in flight with credit, so these only
-# absorb bursts; the client's SUB side is unbounded so results are never dropped in transit.
-ROUTER_SNDHWM = 100_000
-PUB_SNDHWM = 1_000_000
+# What the broker holds for a peer that does not read (a DEALER that asks for a large result
+# again and again and never reads the replies must not exhaust its memory). Nodes bound what is in
+# flight to them with credit and clients read everything at once (their sockets have no
+# high-water mark), so a healthy peer never gets near these; they only bound the damage a
+# stalled or hostile peer can do.
+#
+# * ROUTER_SNDHWM: messages libzmq queues per peer before a send fails with EAGAIN; several
+#   ticks' worth of replies (the broker batches per peer and tick).
+# * LARGE_FRAME_BYTES: frames at least this big (pyzmq's zero-copy threshold) are handed to
+#   libzmq without a copy and tracked until libzmq lets go of them, so the bytes a peer's pipe
+#   holds are counted, not just its messages (at most PEER_IN_FLIGHT_BYTES).
+# * PEER_BACKLOG_*: what the endpoint keeps in order behind a full pipe. A peer whose backlog
+#   would pass either limit is dropped: the backlog is discarded and ``send`` says False, so
+#   the broker treats the peer as unreachable (a node's tasks are queued again; a client
+#   re-sends what went unanswered, and results are durable).
+# * PUB_SNDHWM / PUBLISH_IN_FLIGHT_BYTES: publications libzmq queues per subscriber (beyond
+#   that it drops them for that subscriber), and the large publications it may hold in all.
+#   Results are stored, and a client that missed its publication asks for it again.
+ROUTER_SNDHWM = 1_000
+LARGE_FRAME_BYTES = zmq.COPY_THRESHOLD  # 64 KiB
+PEER_BACKLOG_MESSAGES = 10_000
+PUB_SNDHWM = 10_000
+# Byte limits scale with the message size limit so that a maximal message always fits.
+MIN_PEER_BYTES = 32 * 1024 * 1024
+MIN_PUBLISH_BYTES = 64 * 1024 * 1024
+
+
+def peer_byte_limit(max_message_bytes: int) -> int:
+    """PEER_BACKLOG_BYTES and PEER_IN_FLIGHT_BYTES: 2 x the largest message, 32 MiB at least."""
+    return max(MIN_PEER_BYTES, 2 * max_message_bytes)
+
+
+def publish_byte_limit(max_message_bytes: int) -> int:
+    """PUBLISH_IN_FLIGHT_BYTES: 4 x the largest message, 64 MiB at least."""
+    return max(MIN_PUBLISH_BYTES, 4 * max_message_bytes)
+
+
+# A backlog is retried this soon (doubling, up to the maximum, while no peer makes progress).
+BACKLOG_RETRY_S = 0.005
+BACKLOG_RETRY_MAX_S = 0.5
+# Peers remembered as dropped, so that each is warned about once.
+DROPPED_PEERS_REMEMBERED = 1024
 
 
 class Wakeup:
@@ -299,8 +337,81 @@ def connectable(endpoint: str) -> str:
     return endpoint
 
 
+def _large_bytes(frames: Frames) -> int:
+    """How many bytes of ``frames`` are in frames sent without a copy (and tracked)."""
+    return sum(n for n in map(len, frames) if n >= LARGE_FRAME_BYTES)
+
+
+def _send_tracked(socket: zmq.Socket[bytes], frames: Frames, flags: int) -> zmq.MessageTracker:
+    """Like :func:`send_frames`, large frames without a copy; tracks when libzmq frees them."""
+    last = len(frames) - 1
+    events: list[zmq.MessageTracker] = []
+    for i, frame in enumerate(frames):
+        frame_flags = flags | _SNDMORE if i < last else flags
+        if len(frame) >= LARGE_FRAME_BYTES:
+            message = zmq.Frame(frame, track=True, copy=False)
+            _raw_send(socket, message, frame_flags, False)
+            assert message.tracker is not None
+            events.append(message.tracker)
+        else:
+            _raw_send(socket, frame, frame_flags)
+    return events[0] if len(events) == 1 else zmq.MessageTracker(*events)
+
+
+class _InFlight:
+    """Large frames libzmq still holds (queued, not yet written to the connection)."""
+
+    __slots__ = ("bytes", "trackers")
+
+    def __init__(self) -> None:
+        self.trackers: deque[tuple[zmq.MessageTracker, int]] = deque()
+        self.bytes = 0
+
+    def add(self, tracker: zmq.MessageTracker, size: int) -> None:
+        self.trackers.append((tracker, size))
+        self.bytes += size
+
+    def reap(self, *, in_order: bool = True) -> None:
+        """Forget what libzmq has let go of: from the front for one peer's pipe (FIFO), or
+        everywhere (``in_order=False``) for publications that several pipes hold."""
+        trackers = self.trackers
+        if in_order:
+            while trackers and trackers[0][0].done:
+                self.bytes -= trackers.popleft()[1]
+        elif trackers:
+            kept = [(t, n) for t, n in trackers if not t.done]
+            self.trackers = deque(kept)
+            self.bytes = sum(n for _, n in kept)
+
+    def room_for(self, size: int, limit: int) -> bool:
+        """Whether ``size`` more bytes stay within ``limit`` (always, when nothing is held)."""
+        return not self.trackers or self.bytes + size <= limit
+
+
+class _Peer:
+    """What the endpoint keeps for one peer: messages its full pipe refused, in order, and
+    the large frames its pipe holds."""
+
+    __slots__ = ("backlog", "backlog_bytes", "in_flight")
+
+    def __init__(self) -> None:
+        self.backlog: deque[tuple[Frames, int]] = deque()
+        self.backlog_bytes = 0
+        self.in_flight = _InFlight()
+
+
+# _try_send outcomes.
+_SENT, _FULL, _GONE = 0, 1, 2
+
+
 class ZmqBrokerEndpoint:
-    """The broker's ROUTER (requests from clients and nodes) and XPUB (results) sockets."""
+    """The broker's ROUTER (requests from clients and nodes) and XPUB (results) sockets.
+
+    A peer that stops reading costs at most its pipe (``ROUTER_SNDHWM`` messages, of which
+    ``peer_bytes`` in large frames) and a backlog of ``PEER_BACKLOG_MESSAGES`` messages or
+    ``peer_bytes``; beyond that it is dropped (see ``ROUTER_SNDHWM``). ``counters`` counts the
+    drops.
+    """
 
     peers_can_vanish = True
 
@@ -349,12 +460,26 @@ class ZmqBrokerEndpoint:
         )
         self._router = _Watched(router, wakeup)
         self._publisher = _Watched(publisher, wakeup)
-        # Messages a peer's full pipe refused (EAGAIN), retried in order on later ticks.
-        self._backlog: dict[bytes, deque[Frames]] = {}
+        self._loop = asyncio.get_running_loop()
+        self.peer_bytes = peer_byte_limit(max_message_bytes)
+        self.publish_bytes = publish_byte_limit(max_message_bytes)
+        # Peers with a backlog or with large frames in their pipe, and those with a backlog:
+        # messages a full pipe refused, retried in order on later ticks.
+        self._peers: dict[bytes, _Peer] = {}
+        self._backlogged: dict[bytes, _Peer] = {}
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = BACKLOG_RETRY_S
+        self._next_sweep = 0.0
+        self._published = _InFlight()
+        self._skipping_publications = False
+        self._dropped: OrderedDict[bytes, None] = OrderedDict()
+        self.counters = {"peers_dropped": 0, "messages_dropped": 0, "publications_dropped": 0}
 
     def drain(self, limit: int) -> tuple[list[tuple[bytes, Frames]], list[bytes]]:
-        if self._backlog:
+        if self._backlogged:
             self._retry_backlog()
+        if self._peers and self._loop.time() >= self._next_sweep:
+            self._sweep()
         messages: list[tuple[bytes, Frames]] = []
         if self.security is not None:
             messages = self._drain_authenticated(limit)
@@ -399,45 +524,172 @@ class ZmqBrokerEndpoint:
         return out
 
     def send(self, peer: bytes, frames: Frames) -> bool:
-        backlog = self._backlog.get(peer)
-        if backlog is not None:
-            backlog.append(frames)
+        state = self._peers.get(peer)
+        if state is not None and state.backlog:
+            return self._hold(peer, state, frames)  # behind what is already waiting
+        outcome = self._try_send(peer, state, frames)
+        if outcome == _SENT:
             return True
-        return self._send_now(peer, frames)
+        if outcome == _GONE:
+            self._forget(peer)
+            return False
+        return self._hold(peer, self._peers.get(peer) or self._peer(peer), frames)
 
-    def _send_now(self, peer: bytes, frames: Frames) -> bool:
+    def _peer(self, peer: bytes) -> _Peer:
+        state = self._peers[peer] = _Peer()
+        return state
+
+    def _forget(self, peer: bytes) -> None:
+        self._peers.pop(peer, None)
+        self._backlogged.pop(peer, None)
+
+    def _try_send(self, peer: bytes, state: _Peer | None, frames: Frames) -> int:
+        large = _large_bytes(frames)
+        if large:
+            if state is None:
+                state = self._peer(peer)
+            state.in_flight.reap()
+            if not state.in_flight.room_for(large, self.peer_bytes):
+                return _FULL  # its pipe holds enough already: as good as full
         socket = self._router.socket
         try:
             _raw_send(socket, peer, _NOBLOCK | _SNDMORE)
-            send_frames(socket, frames, _NOBLOCK)
+            if state is not None and large:
+                state.in_flight.add(_send_tracked(socket, frames, _NOBLOCK), large)
+            else:
+                send_frames(socket, frames, _NOBLOCK)
         except zmq.Again:
-            self._backlog.setdefault(peer, deque()).append(frames)
-            log.warning("peer %s is not reading; holding its messages", peer.hex())
+            return _FULL
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                return False
+                return _GONE
             raise
         finally:
             self._router.check()
+        return _SENT
+
+    def _hold(self, peer: bytes, state: _Peer, frames: Frames) -> bool:
+        """Keep a message the peer's pipe refused; drop the peer if that is too much."""
+        size = sum(map(len, frames))
+        backlog = state.backlog
+        if len(backlog) >= PEER_BACKLOG_MESSAGES or state.backlog_bytes + size > self.peer_bytes:
+            self._drop(peer, state)
+            return False
+        if not backlog:
+            log.debug("peer %s is not reading fast enough; holding its messages", peer.hex())
+            self._backlogged[peer] = state
+            self._schedule_retry(BACKLOG_RETRY_S)
+        backlog.append((frames, size))
+        state.backlog_bytes += size
         return True
 
+    def _drop(self, peer: bytes, state: _Peer) -> None:
+        """Discard a peer's backlog (and the message that did not fit)."""
+        count, size = len(state.backlog) + 1, state.backlog_bytes
+        self.counters["peers_dropped"] += 1
+        self.counters["messages_dropped"] += count
+        state.backlog.clear()
+        state.backlog_bytes = 0
+        self._backlogged.pop(peer, None)
+        if not state.in_flight.trackers:
+            self._peers.pop(peer, None)
+        dropped = self._dropped
+        if peer in dropped:
+            dropped.move_to_end(peer)
+            log.debug("peer %s still does not read: dropped %d messages again", peer.hex(), count)
+            return
+        dropped[peer] = None
+        if len(dropped) > DROPPED_PEERS_REMEMBERED:
+            dropped.popitem(last=False)
+        log.warning(
+            "peer %s does not read what the broker sends: dropped the %d messages "
+            "(%d bytes) held for it and treat it as unreachable",
+            peer.hex(),
+            count,
+            size,
+        )
+
     def _retry_backlog(self) -> None:
-        for peer in list(self._backlog):
-            backlog = self._backlog.pop(peer)
+        progress = False
+        for peer, state in list(self._backlogged.items()):
+            backlog = state.backlog
             while backlog:
-                frames = backlog.popleft()
-                if not self._send_now(peer, frames):
-                    backlog.clear()
+                frames, size = backlog[0]
+                outcome = self._try_send(peer, state, frames)
+                if outcome == _FULL:
+                    break  # refused again: keep the rest in order behind it
+                progress = True
+                if outcome == _GONE:
+                    self._forget(peer)
                     break
-                if peer in self._backlog:  # refused again: keep the rest in order behind it
-                    self._backlog[peer].extend(backlog)
-                    break
+                backlog.popleft()
+                state.backlog_bytes -= size
+            else:
+                del self._backlogged[peer]
+                if not state.in_flight.trackers:
+                    self._peers.pop(peer, None)
+        if self._backlogged:
+            # Nothing tells the broker when a pipe has room again: look again soon, less
+            # often while nobody makes progress.
+            delay = BACKLOG_RETRY_S if progress else self._retry_delay * 2
+            self._schedule_retry(min(delay, BACKLOG_RETRY_MAX_S))
+
+    def _schedule_retry(self, delay: float) -> None:
+        if self._retry is not None:
+            if delay >= self._retry_delay:
+                return  # one is due sooner already
+            self._retry.cancel()
+        self._retry_delay = delay
+        self._retry = self._loop.call_later(delay, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry = None
+        self._router.wakeup.set()  # drain retries the backlogs
+
+    def _sweep(self) -> None:
+        """Forget peers whose large frames libzmq has let go of (or that went away)."""
+        self._next_sweep = self._loop.time() + 1.0
+        for peer, state in list(self._peers.items()):
+            if not state.backlog:
+                state.in_flight.reap()
+                if not state.in_flight.trackers:
+                    del self._peers[peer]
 
     def publish(self, frames: Frames) -> None:
-        send_frames(self._publisher.socket, frames)
+        socket = self._publisher.socket
+        large = _large_bytes(frames)
+        if not large:
+            send_frames(socket, frames)
+        elif self._room_to_publish(large):
+            self._published.add(_send_tracked(socket, frames, 0), large)
+        else:
+            # A subscriber that does not read holds the large publications libzmq queued
+            # for it. Results are stored: whoever waits for this one asks for it instead.
+            self.counters["publications_dropped"] += 1
         self._publisher.check()
 
+    def _room_to_publish(self, size: int) -> bool:
+        published, limit = self._published, self.publish_bytes
+        published.reap()
+        if not published.room_for(size, limit):
+            published.reap(in_order=False)  # several pipes: they let go in any order
+        room = published.room_for(size, limit)
+        if room == self._skipping_publications:
+            self._skipping_publications = not room
+            if room:
+                log.info("publishing large results again")
+            else:
+                log.warning(
+                    "subscribers do not read: libzmq holds %d bytes of large publications; "
+                    "not publishing more until it frees some (clients fetch those results)",
+                    published.bytes,
+                )
+        return room
+
     def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self._router.close()
         self._publisher.close()
         if self.security is not None:

@@ -72,6 +72,7 @@ class Node:
         self._pool: ProcessPool | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
+        self._cancelled: set[tuple[str, int]] = set()  # attempts the broker cancelled
         self._outcomes: list[list[Any]] = []
         self._recent: deque[tuple[float, list[Any]]] = deque(maxlen=RECENT_OUTCOMES_MAX)
         self._registrations = 0
@@ -178,6 +179,8 @@ class Node:
                         command = message.command
                         if command is Command.TASKS:
                             self._start(protocol.parse_tasks(message.body))
+                        elif command is Command.CANCEL:
+                            self._cancel(protocol.parse_cancel(message.body))
                         elif command is Command.WELCOME:
                             welcome = protocol.parse_welcome(message.body)
                             # Heartbeat rates must agree on both sides: adopt the broker's.
@@ -257,6 +260,15 @@ class Node:
             task = loop.create_task(self._execute(dispatch))
             self._running[dispatch.task_id] = (dispatch.attempt, task)
 
+    def _cancel(self, attempts: list[tuple[str, int]]) -> None:
+        """The broker cancelled these attempts: stop them (a cpu_bound call's worker process
+        is killed and replaced) and report each, so the broker frees its slot."""
+        for task_id, attempt in attempts:
+            current = self._running.get(task_id)
+            if current is not None and current[0] == attempt:
+                self._cancelled.add((task_id, attempt))
+                current[1].cancel()
+
     async def _execute(self, dispatch: Dispatch) -> None:
         started = time.time()
         value: bytes | None = None
@@ -264,9 +276,12 @@ class Node:
         try:
             value = await self._call(dispatch)
         except asyncio.CancelledError:
-            if self._running.get(dispatch.task_id, (None,))[0] == dispatch.attempt:
-                del self._running[dispatch.task_id]
-            raise
+            if (dispatch.task_id, dispatch.attempt) not in self._cancelled:
+                if self._running.get(dispatch.task_id, (None,))[0] == dispatch.attempt:
+                    del self._running[dispatch.task_id]
+                raise
+            self._cancelled.discard((dispatch.task_id, dispatch.attempt))
+            error = ErrorInfo("CancelledError", "cancelled at the broker's request", None)
         except RemoteTaskError as exc:
             error = ErrorInfo.safe(exc.exc_type, exc.message, exc.traceback)
         except TaskTimeoutError as exc:

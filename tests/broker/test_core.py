@@ -1078,3 +1078,104 @@ def test_a_tick_fills_up_and_starts_empty(h: Harness) -> None:
     assert h.broker.tick_is_full  # the server defers further messages to the next tick
     h.tick()
     assert not h.broker.tick_is_full
+
+
+# --------------------------------------------------------------------------- time and control
+
+
+def test_a_delayed_task_waits_scheduled_and_starts_on_time(h: Harness) -> None:
+    h.ready(NODE_A)
+    h.submit(submission("later", eta=T0 + 10.0))
+    h.tick()
+    assert h.dispatched() == {}  # nothing reaches a node before it is due
+    record = h.get("later")
+    assert record is not None and record["status"] == "scheduled" and record["eta"] == T0 + 10
+    assert len(h.broker.queues) == 0 and len(h.broker.timers) == 1
+    h.tick(T0 + 9.999)
+    assert h.dispatched() == {}
+    h.tick(T0 + 10.0)
+    assert ids(h.dispatched()[NODE_A]) == ["later"]
+    record = h.get("later")
+    assert record is not None and record["status"] == "running" and record["eta"] is None
+
+
+def test_a_delayed_task_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    h = Harness(LmdbStore(path))
+    h.submit(submission("later", eta=T0 + 10.0))
+    h.tick()
+    h.broker.store.commit()
+    h.broker.store.close()
+    h2 = Harness(LmdbStore(path))
+    h2.broker.recover(h2.now)
+    h2.ready(NODE_A)
+    h2.advance(5, heartbeats=(NODE_A,))
+    assert h2.dispatched() == {}
+    h2.advance(5, heartbeats=(NODE_A,))
+    assert ids(h2.dispatched()[NODE_A]) == ["later"]
+    h2.broker.store.close()
+
+
+def test_a_task_not_started_by_its_deadline_expires_without_a_node(h: Harness) -> None:
+    h.submit(submission("soon", deadline=T0 + 2.0))
+    h.submit(submission("scheduled", eta=T0 + 5.0, deadline=T0 + 3.0))
+    h.tick(T0 + 1.9)
+    h.take()
+    h.tick(T0 + 3.0)
+    for task_id in ("soon", "scheduled"):
+        record = h.record(task_id)
+        assert record.status is TaskStatus.EXPIRED and "deadline" in (record.error or "")
+    _, publications = h.take()  # waiters wake at the deadline
+    published = {parse_record(r)["task_id"] for _, m in publications for r in m.body}
+    assert published == {"soon", "scheduled"}
+    assert len(h.broker.queues) == 0
+    h.ready(NODE_A)
+    h.tick(T0 + 10)
+    assert h.dispatched() == {}  # never dispatched
+    assert h.broker.counters["expired"] == 2
+
+
+def test_a_retry_that_would_fall_after_the_deadline_expires_the_task(h: Harness) -> None:
+    h.ready(NODE_A)
+    h.submit(submission("t1", retry_delay_s=5.0, deadline=T0 + 3.0))
+    h.tick()
+    h.failure(NODE_A, "t1", 1)
+    record = h.record("t1")
+    assert record.status is TaskStatus.EXPIRED and record.retries == 0
+    assert "ValueError: boom" in (record.error or "")
+
+
+def test_cancel_stops_queued_scheduled_and_retrying_tasks(h: Harness) -> None:
+    h.submit(submission("queued"), submission("scheduled", eta=T0 + 5.0))
+    h.ready(NODE_A, async_slots=1)
+    h.submit(submission("retrying", priority=9))
+    h.tick()
+    h.failure(NODE_A, "retrying", 1)
+    assert h.record("retrying").status is TaskStatus.RETRYING
+    for task_id in ("queued", "scheduled", "retrying"):
+        assert h.broker.cancel(task_id, h.now) is True
+        assert h.record(task_id).status is TaskStatus.CANCELLED
+    assert h.broker.cancel("queued", h.now) is False  # finished: nothing changes
+    assert h.broker.cancel("unknown", h.now) is False
+    h.take()
+    h.tick(T0 + 60)
+    assert h.dispatched() == {}
+    assert len(h.broker.queues) == 0
+
+
+def test_cancel_of_a_running_task_tells_its_node_and_fences_its_result(h: Harness) -> None:
+    h.ready(NODE_A, async_slots=1)
+    h.submit(submission("t1"), submission("t2"))
+    h.tick()
+    h.take()
+    assert h.broker.cancel("t1", h.now) is True
+    (cancel,) = h.replies(Command.CANCEL)
+    assert cancel[0] == NODE_A and cancel[1].body == [["t1", 1]]
+    assert h.record("t1").status is TaskStatus.CANCELLED
+    h.tick()
+    assert h.dispatched() == {}  # the slot stays busy until the node reports the attempt
+    h.failure(NODE_A, "t1", 1, exc="CancelledError")
+    record = h.record("t1")
+    assert record.status is TaskStatus.CANCELLED and record.retries == 0
+    h.tick()
+    assert ids(h.dispatched()[NODE_A]) == ["t2"]

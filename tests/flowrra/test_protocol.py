@@ -90,6 +90,7 @@ def record(**overrides: Any) -> dict[str, Any]:
         "submitted_at": 1.0,
         "started_at": 2.0,
         "finished_at": 3.0,
+        "eta": None,
     }
     fields.update(overrides)
     return fields
@@ -210,7 +211,12 @@ def test_record_round_trip(status: TaskStatus) -> None:
 
 
 def test_task_status_finality() -> None:
-    assert {s for s in TaskStatus if s.is_final} == {TaskStatus.SUCCESS, TaskStatus.FAILED}
+    assert {s for s in TaskStatus if s.is_final} == {
+        TaskStatus.SUCCESS,
+        TaskStatus.FAILED,
+        TaskStatus.EXPIRED,
+        TaskStatus.CANCELLED,
+    }
 
 
 # --------------------------------------------------------------------------- malformed frames

@@ -21,6 +21,7 @@ def record(**overrides: Any) -> dict[str, Any]:
         "submitted_at": 1_700_000_000.0,
         "started_at": 1_700_000_001.5,
         "finished_at": None,
+        "eta": None,
     }
     fields.update(overrides)
     assert set(fields) == set(RECORD_FIELDS)
