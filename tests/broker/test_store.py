@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from broker.store import Durability, LmdbStore, MemoryStore, Store, Table
@@ -202,3 +204,36 @@ def test_lmdb_map_grows_instead_of_failing(tmp_path: Path) -> None:
         assert sum(1 for _ in reopened.scan(Table.TASKS)) == 2000
     finally:
         reopened.close()
+
+
+@pytest.mark.parametrize("durability", list(Durability))
+def test_lmdb_data_file_grows_with_use_not_to_the_map_size(
+    tmp_path: Path, durability: Durability
+) -> None:
+    # No MDB_WRITEMAP: the file is not a sparse file of the whole map, whose pages the disk
+    # may fail to back later (SIGBUS), but grows by written pages (see docs/operations.md).
+    store = LmdbStore(tmp_path / "db", durability)
+    try:
+        store.put(Table.TASKS, b"k", b"v" * 50_000)
+        store.commit()
+        assert os.path.getsize(tmp_path / "db" / "data.mdb") < 1 << 20
+    finally:
+        store.close()
+
+
+def test_lmdb_opens_a_store_written_through_the_map(tmp_path: Path) -> None:
+    # Fast mode used MDB_WRITEMAP before: its data directories (data.mdb a sparse file of the
+    # whole map) open and take writes as they are.
+    path = tmp_path / "db"
+    env = lmdb.open(str(path), map_size=1 << 30, max_dbs=len(Table) + 1, writemap=True)
+    with env.begin(write=True) as txn:
+        txn.put(b"old", b"1", db=env.open_db(Table.TASKS.value.encode(), txn=txn))
+    env.close()
+    store = LmdbStore(path, Durability.FAST)
+    try:
+        assert store.get(Table.TASKS, b"old") == b"1"
+        store.put(Table.TASKS, b"new", b"2")
+        store.commit()
+        assert list(store.scan(Table.TASKS)) == [(b"new", b"2"), (b"old", b"1")]
+    finally:
+        store.close()
