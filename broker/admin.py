@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from broker.queues import TaskQueues
 from broker.records import Attempt, TaskRecord
 from broker.registry import Lease, NodeState
+from broker.scheduling import Schedules
 from broker.timers import Timers
 from flowrra.errors import AdminError
 from flowrra.protocol import SlotKind
@@ -49,6 +50,8 @@ class Broker(Protocol):
     def purge(self, priority: int | None) -> int: ...
     def requeue_failed(self, task_id: str, now: float) -> bool: ...
     def cancel(self, task_id: str, now: float) -> bool: ...
+    @property
+    def schedules(self) -> Schedules: ...
     def stored_counts(self) -> dict[str, int]: ...
 
 
@@ -83,6 +86,7 @@ def status(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any]:
         "queued_by_name": broker.queues.depth_by_name(),
         "in_flight": len(broker.leases),
         "retry_timers": len(broker.timers),
+        "schedules": len(broker.schedules),
         "dead_letters": stored["dead_letters"],
         "results_stored": stored["results"],
         "tasks_per_second_1m": round(broker.finished_per_second.rate(now), 3),
@@ -154,6 +158,37 @@ def cancel(broker: Broker, args: dict[str, Any], now: float) -> bool:
     return broker.cancel(_task_id(args), now)
 
 
+def schedule_put(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any]:
+    """Declare a schedule (idempotent); returns it as stored."""
+    return broker.schedules.put(args.get("schedule"), now)
+
+
+def schedule_remove(broker: Broker, args: dict[str, Any], now: float) -> bool:
+    return broker.schedules.remove(_schedule_id(args))
+
+
+def schedule_enable(broker: Broker, args: dict[str, Any], now: float) -> bool:
+    enabled = args.get("enabled")
+    if not isinstance(enabled, bool):
+        raise AdminError("enabled must be true or false")
+    return broker.schedules.set_enabled(_schedule_id(args), enabled, now)
+
+
+def schedule_get(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any] | None:
+    return broker.schedules.get(_schedule_id(args))
+
+
+def schedule_list(broker: Broker, args: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    return list(broker.schedules)
+
+
+def _schedule_id(args: dict[str, Any]) -> str:
+    schedule_id = args.get("id")
+    if not isinstance(schedule_id, str) or not schedule_id:
+        raise AdminError("id is required")
+    return schedule_id
+
+
 def _task_id(args: dict[str, Any]) -> str:
     task_id = args.get("task_id")
     if not isinstance(task_id, str) or not task_id:
@@ -169,6 +204,11 @@ VERBS: dict[str, Callable[[Broker, dict[str, Any], float], Any]] = {
     "dead_list": dead_list,
     "dead_retry": dead_retry,
     "cancel": cancel,
+    "schedule_put": schedule_put,
+    "schedule_remove": schedule_remove,
+    "schedule_enable": schedule_enable,
+    "schedule_get": schedule_get,
+    "schedule_list": schedule_list,
 }
 
 

@@ -21,6 +21,7 @@ from broker.queues import TaskQueues
 from broker.records import Attempt, TaskRecord
 from broker.registry import Lease, NodeRegistry, NodeState
 from broker.repository import TaskRepository
+from broker.scheduling import Schedules
 from broker.store import Store
 from broker.timers import Timers, backoff_s
 from flowrra import protocol
@@ -144,6 +145,7 @@ class Broker:
     def __init__(self, store: Store, config: BrokerConfig, publish_endpoint: str) -> None:
         self.store = store
         self.repo = TaskRepository(store)
+        self.schedules = Schedules(self.repo)
         self.config = config
         self.broker_id = uuid.uuid4().hex
         self.welcome = Welcome(
@@ -299,12 +301,17 @@ class Broker:
         for due_ms, task_id in self.repo.timers():
             self.timers.schedule(due_ms, task_id)
             retrying += 1
+        scheduled = self.schedules.recover()
         if running:
             # Two liveness windows: time for every surviving node to notice and re-register.
             self._orphans_until = now + 2 * self.nodes.expiry_ms / 1000
-        if queued or running or retrying:
+        if queued or running or retrying or scheduled:
             log.info(
-                "recovered %d queued, %d in flight and %d retrying tasks", queued, running, retrying
+                "recovered %d queued, %d in flight and %d timed tasks, and %d schedules",
+                queued,
+                running,
+                retrying,
+                scheduled,
             )
 
     def abandon_tick(self, reason: str, now: float) -> None:
@@ -853,7 +860,8 @@ class Broker:
             record = self.repo.get(task_id)
             if record is None or record.status not in _WAITING:
                 continue  # a timer of a task that moved on (started, finished, cancelled)
-            if record.deadline is not None and now >= record.deadline:
+            # Timers are kept in whole milliseconds: compare in those.
+            if record.deadline is not None and now_ms >= int(record.deadline * 1000):
                 self._expire(record, now, queued=record.status is TaskStatus.PENDING)
                 continue
             if record.status is TaskStatus.PENDING:
@@ -866,6 +874,18 @@ class Broker:
             record.order = self._take_order()
             self._enqueue(record)  # sets queued_at, saved next
             self.repo.save(record)
+
+    def fire_schedules(self, now: float) -> None:
+        """Create the tasks of the schedule slots that are due (with the schedules' next
+        slots, in this tick's commit)."""
+
+        def start(record: TaskRecord) -> None:
+            self._add(record, now)
+            self.counters["scheduled_runs"] += 1
+            for observer in self.observers:
+                observer.submitted(record.name)
+
+        self.schedules.fire(now, start, self._take_order)
 
     def _expire(
         self, record: TaskRecord, now: float, *, queued: bool, after: ErrorInfo | None = None
@@ -943,6 +963,9 @@ class Broker:
             self.expire_results(now)
         if self.timers:
             self.fire_timers(now)
+        next_slot = self.schedules.next_due()
+        if next_slot is not None and next_slot <= now:
+            self.fire_schedules(now)
         self.dispatch(now)
         self._store_order()
         self.repo.end_tick()
@@ -953,4 +976,7 @@ class Broker:
         next_timer = self.timers.next_due_ms()
         if next_timer is not None:
             wait = min(wait, next_timer / 1000 - now)
+        next_slot = self.schedules.next_due()
+        if next_slot is not None:
+            wait = min(wait, next_slot - now)
         return max(wait, 0.0)

@@ -14,6 +14,7 @@ of tables and key bytes. Layouts, table by table:
 * ``timers``: due_ms (8 bytes, big-endian) + task id -> b"";
 * ``expiry``: expire_at_ms (8 bytes, big-endian) + task id -> b"" (finished results);
 * ``dead``: (2**64 - 1 - expire_at_ms) (8 bytes, big-endian) + task id -> b"", newest first;
+* ``schedules``: schedule id -> its definition and slot state (a msgpack map);
 * ``meta``: the store format and the next queue order.
 
 Big-endian integers sort numerically as LMDB keys, so every index is a cursor scan.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 
@@ -231,6 +233,18 @@ class TaskRepository:
 
     def count_results(self) -> int:
         return self.store.count(Table.EXPIRY)
+
+    # ------------------------------------------------------------------ schedules
+
+    def save_schedule(self, schedule: dict[str, Any]) -> None:
+        self.store.put(Table.SCHEDULES, schedule["id"].encode(), msgpack.packb(schedule))
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        self.store.delete(Table.SCHEDULES, schedule_id.encode())
+
+    def schedules(self) -> Iterator[dict[str, Any]]:
+        for _, value in self.store.scan(Table.SCHEDULES):
+            yield msgpack.unpackb(value, raw=False)
 
     # ------------------------------------------------------------------ format
 

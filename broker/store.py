@@ -29,6 +29,7 @@ class Table(enum.StrEnum):
     TASKS = "tasks"  # task id -> task record (msgpack)
     PAYLOADS = "payloads"  # task id -> packed arguments
     HISTORY = "history"  # task id, attempt -> how the attempt ended
+    SCHEDULES = "schedules"  # schedule id -> its definition and slot state
     QUEUE = "queue"  # queue order (8 bytes, big-endian) -> [task id, name, priority]
     LEASES = "leases"  # task id -> attempt number of the attempt in flight
     TIMERS = "timers"  # due_ms (8 bytes, big-endian) + task id -> b""

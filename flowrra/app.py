@@ -15,6 +15,7 @@ from flowrra.client import BrokerClient
 from flowrra.errors import FlowrraError, SubmitRejected, TaskNotFoundError
 from flowrra.protocol import Submission, pack_args
 from flowrra.result import TaskResult
+from flowrra.scheduler import Scheduler
 from flowrra.security import client_keys
 from flowrra.task import TaskSpec, check_priority, make_spec, time_options
 from flowrra.transport import InprocHub, Wakeup, ZmqConnector
@@ -61,6 +62,7 @@ class Flowrra:
         self._tasks: dict[str, TaskSpec] = {}
         self._by_function: dict[Callable[..., Any], TaskSpec] = {}
         self._client: BrokerClient | None = None
+        self._scheduler: Scheduler | None = None
         self._service: BrokerService | None = None
         self._node: Node | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -342,6 +344,26 @@ class Flowrra:
         record = await self._connected().wait(task_id, timeout)
         return TaskResult.from_record(record)
 
+    def create_scheduler(self) -> Scheduler:
+        """The app's :class:`~flowrra.scheduler.Scheduler` (also ``app.scheduler`` after
+        this): periodic schedules that the broker keeps and fires."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.spec_for, self.admin)
+        return self._scheduler
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler made by :meth:`create_scheduler`."""
+        if self._scheduler is None:
+            raise FlowrraError("no scheduler yet: call app.create_scheduler() first")
+        return self._scheduler
+
+    async def admin(self, verb: str, **args: Any) -> Any:
+        """Run an operator command on the broker (``status``, ``inspect``, ``tasks``,
+        ``purge``, ``dead_list``, ``dead_retry``, ``cancel``, ``schedule_*``), as the
+        ``flowrra`` CLI does; raises :class:`~flowrra.errors.AdminError` if refused."""
+        return await self._connected().admin(verb, **args)
+
     async def cancel(self, task_id: str) -> bool:
         """Stop a task before it finishes; True if this call stopped it.
 
@@ -352,7 +374,7 @@ class Flowrra:
         """
         if not isinstance(task_id, str) or not task_id:
             raise ValueError(f"task_id must be a non-empty string: {task_id!r}")
-        return bool(await self._connected().admin("cancel", task_id=task_id))
+        return bool(await self.admin("cancel", task_id=task_id))
 
     async def get_result(self, task_id: str) -> TaskResult | None:
         """The task's current state without waiting; None for an unknown id."""

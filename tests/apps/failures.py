@@ -129,3 +129,21 @@ async def raise_surrogate() -> None:
 @app.task(max_retries=0, timeout=0.5)
 async def timed_ping(value: int) -> int:
     return value
+
+
+@app.task(cpu_bound=True, max_retries=0)
+def cpu_hang(marker_dir: str) -> None:
+    """Mark, then block a worker process (until it is killed)."""
+    mark(marker_dir, "cpu-hang")
+    time.sleep(3600)
+
+
+@app.task(max_retries=0)
+async def hang_until_cancelled(marker_dir: str) -> None:
+    """Mark, sleep; mark ``cancelled`` when the sleep is cancelled."""
+    mark(marker_dir, "waiting")
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        mark(marker_dir, "cancelled")
+        raise
