@@ -167,6 +167,10 @@ class Broker:
         self._next_housekeeping = 0.0
         self._orphans_until: float | None = None
         self.counters: dict[str, int] = defaultdict(int)
+        # Outcomes accepted since the last successful commit (kept in case it fails), and
+        # those of a failed tick, applied again in the next one.
+        self._uncommitted_outcomes: list[tuple[bytes, Outcome]] = []
+        self._replay_outcomes: list[tuple[bytes, Outcome]] = []
         # Items handled and reply bytes built in the current tick (see TICK_ITEMS).
         self.tick_items = 0
         self.tick_reply_bytes = 0
@@ -318,6 +322,10 @@ class Broker:
         """The tick's writes could not be committed: refuse its submissions, drop the rest
         of its output, and rebuild the in-memory state from what the store really holds."""
         self.repo.end_tick()  # records changed in memory by the lost tick
+        # A node sends an outcome once (again only after it registers again): keep the ones
+        # this tick accepted and apply them again in the next tick.
+        self._replay_outcomes.extend(self._uncommitted_outcomes)
+        self._uncommitted_outcomes = []
         refused = self.outbox.acks
         # Replies that do not depend on what failed to commit still go out.
         kept = [(peer, frames) for peer, frames in self.outbox.messages if frames[1] in _STATELESS]
@@ -758,6 +766,7 @@ class Broker:
                     peer.hex(),
                 )
                 continue
+            self._uncommitted_outcomes.append((peer, outcome))
             record = self._leased_record(lease)
             self._end_lease(outcome.task_id)
             if node is not None:
@@ -948,9 +957,17 @@ class Broker:
         """The current tick has taken on its share of work: defer further messages."""
         return self.tick_items >= TICK_ITEMS or self.tick_reply_bytes >= TICK_REPLY_BYTES
 
+    def committed(self) -> None:
+        """The tick's writes are durable (the server calls this after each good commit)."""
+        self._uncommitted_outcomes.clear()
+
     def tick(self, now: float) -> None:
         """Time-driven work, then dispatch; called once per loop iteration."""
         self.tick_items = self.tick_reply_bytes = 0
+        if self._replay_outcomes:  # accepted by a tick whose commit failed
+            replay, self._replay_outcomes = self._replay_outcomes, []
+            for peer, outcome in replay:
+                self.complete(peer, [outcome], now)
         if now >= self._next_housekeeping:
             # A few times per heartbeat interval is precise enough and keeps the per-tick
             # cost independent of the number of nodes.

@@ -89,7 +89,8 @@ class BrokerService:
                     # means the attempt runs again under the same number, and attempts are
                     # fenced, so the task still gets exactly one final result. Nodes start
                     # working while the fsync runs; acknowledgements and results wait for it.
-                    self._send_dispatches(now)
+                    if self._failing_since is None:  # else they would be resent every tick
+                        self._send_dispatches(now)
                     await self._commit()
                 if broker.outbox:
                     self._flush(now)
@@ -114,6 +115,7 @@ class BrokerService:
         except (StoreError, OSError) as exc:
             self._commit_failed(exc)
             return
+        self.broker.committed()
         if self._failing_since is not None:
             log.warning(
                 "the store accepts writes again, after %d failed commits in %.1fs",

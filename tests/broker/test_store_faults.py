@@ -273,12 +273,6 @@ def test_the_broker_refuses_a_failed_ticks_submits_and_serves_reads(tmp_path: Pa
         store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/core.py: Broker.abandon_tick drops the outcomes the failed tick accepted, "
-    "and their node never re-sends them while it stays connected (see the report of this "
-    "change); the task stays RUNNING until its node reconnects",
-)
 def test_a_result_reported_in_a_failed_tick_is_recorded_once_the_disk_has_room(
     tmp_path: Path,
 ) -> None:
@@ -402,12 +396,6 @@ async def flaky(tag: str) -> str:
     return tag
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/server.py BrokerService.run sends a tick's dispatches before its commit "
-    "even while commits keep failing: every failed tick hands the same attempt out again "
-    "and the node starts it over (see the report of this change)",
-)
 async def test_a_task_due_while_commits_fail_is_not_handed_out_on_every_tick(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
