@@ -15,6 +15,7 @@ from broker.records import Attempt, TaskRecord
 from broker.registry import Lease, NodeState
 from broker.scheduling import Schedules
 from broker.timers import Timers
+from broker.workflows import Workflows
 from flowrra.errors import AdminError
 from flowrra.protocol import SlotKind
 
@@ -52,6 +53,9 @@ class Broker(Protocol):
     def cancel(self, task_id: str, now: float) -> bool: ...
     @property
     def schedules(self) -> Schedules: ...
+    @property
+    def workflows(self) -> Workflows: ...
+    def submit_workflow(self, declared: object, now: float) -> dict[str, Any]: ...
     def stored_counts(self) -> dict[str, int]: ...
 
 
@@ -113,6 +117,7 @@ def inspect(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any] 
             "retry_at": record.retry_at,
             "worker_losses": record.worker_losses,
             "history": [list(entry) for entry in broker.history(task_id)],
+            "workflow": broker.workflows.links(record),
             "expires_at": record.expires_at,
         }
     )
@@ -182,6 +187,15 @@ def schedule_list(broker: Broker, args: dict[str, Any], now: float) -> list[dict
     return list(broker.schedules)
 
 
+def workflow_submit(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any]:
+    """Store a chain, group or chord and queue its first step; returns it as stored."""
+    return broker.submit_workflow(args.get("workflow"), now)
+
+
+def workflow_get(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any] | None:
+    return broker.workflows.get(_schedule_id(args))
+
+
 def _schedule_id(args: dict[str, Any]) -> str:
     schedule_id = args.get("id")
     if not isinstance(schedule_id, str) or not schedule_id:
@@ -209,6 +223,8 @@ VERBS: dict[str, Callable[[Broker, dict[str, Any], float], Any]] = {
     "schedule_enable": schedule_enable,
     "schedule_get": schedule_get,
     "schedule_list": schedule_list,
+    "workflow_submit": workflow_submit,
+    "workflow_get": workflow_get,
 }
 
 

@@ -24,6 +24,8 @@ from broker.repository import TaskRepository
 from broker.scheduling import Schedules
 from broker.store import Store
 from broker.timers import Timers, backoff_s
+from broker.workflows import Workflows
+from broker.workflows import validate as validate_workflow
 from flowrra import protocol
 from flowrra.errors import AdminError, ProtocolError
 from flowrra.protocol import (
@@ -146,6 +148,7 @@ class Broker:
         self.store = store
         self.repo = TaskRepository(store)
         self.schedules = Schedules(self.repo)
+        self.workflows = Workflows(self.repo)
         self.config = config
         self.broker_id = uuid.uuid4().hex
         self.welcome = Welcome(
@@ -859,6 +862,37 @@ class Broker:
             for observer in self.observers:
                 observer.finished(record.name, record.status, run_s)
         self.publish_result(record)
+        if record.workflow_id is not None:
+            self.workflows.finished(
+                record,
+                release=lambda waiting: self._release(waiting, now),
+                fail=lambda waiting, why: self._finish(waiting, None, why, now),
+            )
+
+    def _release(self, record: TaskRecord, now: float) -> None:
+        """A workflow step whose inputs are ready: queue it (or schedule it until its eta)."""
+        record.order = self._take_order()
+        if record.eta is not None and record.eta > now:
+            record.status = TaskStatus.SCHEDULED
+            self._wake_at(record.task_id, record.eta)
+        else:
+            record.status = TaskStatus.PENDING
+            record.eta = None
+            self._enqueue(record)
+        self.repo.save(record)
+
+    def submit_workflow(self, declared: object, now: float) -> dict[str, Any]:
+        """Store a chain, group or chord (its first step queued); idempotent by its id."""
+        workflow_id, kind, steps = validate_workflow(declared)
+
+        def add(record: TaskRecord) -> None:
+            self._add(record, now)
+            self.counters["submitted"] += 1
+
+        def new_record(sub: Submission) -> TaskRecord:
+            return TaskRecord.from_submission(sub, self._take_order())
+
+        return self.workflows.create(workflow_id, kind, steps, add, new_record)
 
     # ------------------------------------------------------------------ time
 

@@ -60,6 +60,8 @@ class TaskRecord:
     queued_at: float | None = None  # when it last entered a queue (for the queue-wait metric)
     eta: float | None = None  # not to start before (a countdown or eta), while SCHEDULED
     deadline: float | None = None  # expires if not started by then (``expires=``)
+    workflow_id: str | None = None  # the chain, group or chord it belongs to
+    step: int = 0  # its step in that workflow
 
     @classmethod
     def from_submission(cls, sub: Submission, order: int) -> TaskRecord:
@@ -106,6 +108,8 @@ class TaskRecord:
                 self.queued_at,
                 self.eta,
                 self.deadline,
+                self.workflow_id,
+                self.step,
             ],
             use_bin_type=True,
         )

@@ -15,6 +15,7 @@ of tables and key bytes. Layouts, table by table:
 * ``expiry``: expire_at_ms (8 bytes, big-endian) + task id -> b"" (finished results);
 * ``dead``: (2**64 - 1 - expire_at_ms) (8 bytes, big-endian) + task id -> b"", newest first;
 * ``schedules``: schedule id -> its definition and slot state (a msgpack map);
+* ``workflows``: workflow id -> its steps and finished members (a msgpack map);
 * ``meta``: the store format and the next queue order.
 
 Big-endian integers sort numerically as LMDB keys, so every index is a cursor scan.
@@ -111,8 +112,17 @@ class TaskRepository:
         key = _history_prefix(record.task_id.encode()) + _U32.pack(record.attempt & 0xFFFFFFFF)
         self.store.put(Table.HISTORY, key, encode_attempt(entry))
 
+    def save_payload(self, record: TaskRecord) -> None:
+        """Rewrite a task's arguments (a workflow step handing its result on)."""
+        self.store.put(Table.PAYLOADS, record.task_id.encode(), record.payload)
+
     def forget(self, task_id: str) -> None:
-        """Delete everything stored about a task."""
+        """Delete everything stored about a task (and its workflow with its last step)."""
+        record = self.get(task_id)
+        if record is not None and record.workflow_id is not None:
+            workflow = self.get_workflow(record.workflow_id)
+            if workflow is not None and task_id in workflow["steps"][-1]:
+                self.store.delete(Table.WORKFLOWS, record.workflow_id.encode())
         key = task_id.encode()
         self.store.delete(Table.TASKS, key)
         self.store.delete(Table.PAYLOADS, key)
@@ -245,6 +255,15 @@ class TaskRepository:
     def schedules(self) -> Iterator[dict[str, Any]]:
         for _, value in self.store.scan(Table.SCHEDULES):
             yield msgpack.unpackb(value, raw=False)
+
+    # ------------------------------------------------------------------ workflows
+
+    def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+        data = self.store.get(Table.WORKFLOWS, workflow_id.encode())
+        return None if data is None else msgpack.unpackb(data, raw=False)
+
+    def save_workflow(self, workflow: dict[str, Any]) -> None:
+        self.store.put(Table.WORKFLOWS, workflow["id"].encode(), msgpack.packb(workflow))
 
     # ------------------------------------------------------------------ format
 

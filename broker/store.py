@@ -30,6 +30,7 @@ class Table(enum.StrEnum):
     PAYLOADS = "payloads"  # task id -> packed arguments
     HISTORY = "history"  # task id, attempt -> how the attempt ended
     SCHEDULES = "schedules"  # schedule id -> its definition and slot state
+    WORKFLOWS = "workflows"  # workflow id -> its steps and finished members
     QUEUE = "queue"  # queue order (8 bytes, big-endian) -> [task id, name, priority]
     LEASES = "leases"  # task id -> attempt number of the attempt in flight
     TIMERS = "timers"  # due_ms (8 bytes, big-endian) + task id -> b""

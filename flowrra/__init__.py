@@ -18,11 +18,13 @@ from flowrra.errors import (
 )
 from flowrra.protocol import TaskStatus
 from flowrra.result import TaskResult
+from flowrra.workflow import Call, call
 
 __version__ = "0.2.0"
 
 __all__ = [
     "BrokerUnavailable",
+    "Call",
     "Flowrra",
     "FlowrraError",
     "MessageTooLargeError",
@@ -37,6 +39,7 @@ __all__ = [
     "TaskTimeoutError",
     "WorkerLostError",
     "__version__",
+    "call",
 ]
 
 # A library logs only where the application asked it to.

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from flowrra import protocol
 from flowrra.client import BrokerClient
 from flowrra.errors import FlowrraError, SubmitRejected, TaskNotFoundError
-from flowrra.protocol import Submission, pack_args
+from flowrra.protocol import Submission, TaskStatus, pack_args
 from flowrra.result import TaskResult
 from flowrra.scheduler import Scheduler
 from flowrra.security import client_keys
 from flowrra.task import TaskSpec, check_priority, make_spec, time_options
 from flowrra.transport import InprocHub, Wakeup, ZmqConnector
+from flowrra.workflow import Call
 
 if TYPE_CHECKING:
     from broker.server import BrokerService
@@ -343,6 +344,92 @@ class Flowrra:
         """Wait until the task is complete; raises TimeoutError after ``timeout`` seconds."""
         record = await self._connected().wait(task_id, timeout)
         return TaskResult.from_record(record)
+
+    # ------------------------------------------------------------------ workflows
+
+    async def chain(self, *links: Call | list[Call] | tuple[Call, ...]) -> str:
+        """Run calls one after another, each receiving the previous result as its first
+        positional argument (a list of results after a group: a list or tuple of calls in
+        the chain). Returns the last task's id: ``wait_for_result`` of it gives the final
+        result. If a link fails after its retries, every later one ends FAILED, naming it."""
+        if not links:
+            raise ValueError("a chain needs at least one call")
+        steps = [list(link) if isinstance(link, list | tuple) else [link] for link in links]
+        ids = await self._submit_workflow("chain", steps)
+        return ids[-1][-1]
+
+    async def group(self, *calls: Call) -> str:
+        """Run calls side by side; returns a group id for :meth:`wait_for_group`."""
+        if not calls:
+            raise ValueError("a group needs at least one call")
+        client = self._connected()
+        group_id = client.new_task_id()
+        await self._submit_workflow("group", [list(calls)], workflow_id=group_id)
+        return group_id
+
+    async def chord(self, header: Iterable[Call], callback: Call) -> str:
+        """Run ``header`` as a group, then ``callback`` with the list of their results (in
+        order) as its first argument, once every member has succeeded; returns the
+        callback's id. If a member fails, the callback ends FAILED, naming it."""
+        members = list(header)
+        if not members:
+            raise ValueError("a chord needs at least one call in its header")
+        ids = await self._submit_workflow("chord", [members, [callback]])
+        return ids[-1][0]
+
+    async def wait_for_group(self, group_id: str, timeout: float | None = None) -> list[TaskResult]:
+        """The results of a group's calls, in call order, once all are complete."""
+        ids = await self._group_members(group_id)
+        if ids is None:
+            raise FlowrraError(f"no group {group_id!r} is known to the broker")
+        client = self._connected()
+        waits = [client.wait(task_id, timeout) for task_id in ids]
+        return [TaskResult.from_record(record) for record in await asyncio.gather(*waits)]
+
+    async def get_group(self, group_id: str) -> list[TaskResult] | None:
+        """The current state of a group's calls, in call order (None for an unknown id)."""
+        ids = await self._group_members(group_id)
+        if ids is None:
+            return None
+        records = await self._connected().get(ids)
+        return [
+            TaskResult(task_id, "", TaskStatus.PENDING) if r is None else TaskResult.from_record(r)
+            for task_id, r in zip(ids, records, strict=True)
+        ]
+
+    async def _group_members(self, group_id: str) -> list[str] | None:
+        stored = await self.admin("workflow_get", id=group_id)
+        if stored is None or stored["kind"] != "group":
+            return None
+        members: list[str] = stored["steps"][0]
+        return members
+
+    async def _submit_workflow(
+        self, kind: str, steps: list[list[Call]], workflow_id: str | None = None
+    ) -> list[list[str]]:
+        client = self._connected()
+        wire_steps: list[list[Any]] = []
+        ids: list[list[str]] = []
+        for step in steps:
+            if not step:
+                raise ValueError("a group inside a workflow needs at least one call")
+            wire: list[Any] = []
+            for one in step:
+                if not isinstance(one, Call):
+                    raise TypeError(f"workflows take call(...) descriptions, not {one!r}")
+                check_priority(one.priority)
+                times = time_options(one.countdown, None, one.expires)
+                spec = self.spec_for(one.task)
+                sub = self._submission(
+                    client, spec, one.args, dict(one.kwargs), one.priority, one.task_id, times
+                )
+                wire.append(sub.to_wire())
+            wire_steps.append(wire)
+            ids.append([item[0] for item in wire])
+        declared = {"id": workflow_id or client.new_task_id(), "kind": kind, "steps": wire_steps}
+        stored = await self.admin("workflow_submit", workflow=declared)
+        stored_ids: list[list[str]] = stored["steps"]
+        return stored_ids
 
     def create_scheduler(self) -> Scheduler:
         """The app's :class:`~flowrra.scheduler.Scheduler` (also ``app.scheduler`` after

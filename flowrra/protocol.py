@@ -107,6 +107,7 @@ class TaskStatus(enum.StrEnum):
     """Where a task is in its life."""
 
     SCHEDULED = "scheduled"  # waiting for its eta (countdown)
+    WAITING = "waiting"  # a workflow step waiting for the one before it
     PENDING = "pending"
     RUNNING = "running"
     RETRYING = "retrying"
@@ -217,6 +218,37 @@ def unpack_args(payload: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
     ):
         raise ProtocolError("task payload is not [args, kwargs]")
     return tuple(decoded[0]), decoded[1]
+
+
+def prepend_arg(payload: bytes, value: bytes) -> bytes:
+    """The packed ``[args, kwargs]`` of :func:`pack_args` with the packed ``value`` put
+    before the first positional argument (a workflow hands a result on). Works on the
+    msgpack framing alone: neither the arguments nor the value are decoded."""
+    if len(payload) < 2 or payload[0] != 0x92:
+        raise ProtocolError("task payload is not [args, kwargs]")
+    header = payload[1]
+    if 0x90 <= header <= 0x9F:
+        count, rest = header & 0x0F, payload[2:]
+    elif header == 0xDC:
+        count, rest = int.from_bytes(payload[2:4], "big"), payload[4:]
+    elif header == 0xDD:
+        count, rest = int.from_bytes(payload[2:6], "big"), payload[6:]
+    else:
+        raise ProtocolError("task payload's args are not an array")
+    return b"\x92" + _array_header(count + 1) + value + rest
+
+
+def pack_packed_list(values: Sequence[bytes]) -> bytes:
+    """A msgpack array of already packed values (a group's results, in order)."""
+    return _array_header(len(values)) + b"".join(values)
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
 
 
 # --------------------------------------------------------------------------- frames

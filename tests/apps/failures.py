@@ -147,3 +147,18 @@ async def hang_until_cancelled(marker_dir: str) -> None:
     except asyncio.CancelledError:
         mark(marker_dir, "cancelled")
         raise
+
+
+@app.task(max_retries=0)
+async def add(x: int, y: int = 0) -> int:
+    return x + y
+
+
+@app.task(max_retries=0)
+async def total(values: list[int], extra: int = 0) -> int:
+    return sum(values) + extra
+
+
+@app.task(max_retries=0)
+async def boom(value: object = None) -> None:
+    raise RuntimeError(f"boom after {value!r}")
