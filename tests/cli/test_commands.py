@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
-import select
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Literal
+
+import pytest
 
 from flowrra.exitcodes import ExitCode
 from flowrra.protocol import TaskStatus
 from tests.cli import cliapp
-from tests.cli.conftest import UNSERVED, Client, Fleet, invoke, ok, ok_json
-from tests.conftest import BIN, Launcher, free_port, subprocess_env
+from tests.cli.conftest import (
+    FLOWRRA_EXE,
+    UNSERVED,
+    Client,
+    CliProcess,
+    Fleet,
+    invoke,
+    ok,
+    ok_json,
+)
+from tests.conftest import Launcher, free_port, subprocess_env
 
-FLOWRRA_EXE = str(BIN / "flowrra")
 CLEAR = "\033[2J\033[1;1H"
+Sigint = Literal["default", "ignored"]
 
 
 def _row(output: str, *cells: object) -> bool:
@@ -80,35 +90,22 @@ def test_status_json_from_the_executable_with_env_broker(fleet: Fleet) -> None:
     assert {n["node_id"] for n in reply["nodes"]} == {n.node_id for n in fleet.nodes}
 
 
-def test_status_watch_redraws_until_ctrl_c(fleet: Fleet) -> None:
+# A child that inherits SIGINT ignored (started by a background job of a non-interactive
+# shell, as a busy machine's test run may be) must still stop on Ctrl-C: asyncio.run() alone
+# then installs no handler and the watch ran on until killed (issue 13).
+SIGINT_DISPOSITIONS = pytest.mark.parametrize("sigint", ["default", "ignored"])
+
+
+@SIGINT_DISPOSITIONS
+def test_status_watch_redraws_until_ctrl_c(fleet: Fleet, sigint: Sigint) -> None:
     """On a terminal (a pty here) every frame clears the screen and redraws."""
-    primary, secondary = os.openpty()
-    proc = subprocess.Popen(
-        [FLOWRRA_EXE, "--broker", fleet.url, "status", "--watch", "--interval", "0.1"],
-        stdin=subprocess.DEVNULL,
-        stdout=secondary,
-        stderr=subprocess.PIPE,
-        env=subprocess_env(),
-    )
-    os.close(secondary)
-    seen = b""
-    try:
-        deadline = time.monotonic() + 15
-        while seen.count(CLEAR.encode()) < 3:  # two complete frames between three clears
-            assert time.monotonic() < deadline, seen.decode(errors="replace")
-            ready, _, _ = select.select([primary], [], [], 0.5)
-            if ready:
-                seen += os.read(primary, 65536)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == ExitCode.OK, proc.stderr.read() if proc.stderr else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(primary)
-        if proc.stderr:
-            proc.stderr.close()
-    frames = seen.decode().replace("\r\n", "\n").split(CLEAR)[1:3]
+    argv = ("status", "--watch", "--interval", "0.1")
+    with CliProcess(fleet.url, *argv, tty=True, sigint=sigint) as watch:
+        # Two complete frames between three clears.
+        seen = watch.read_until(lambda out: out.count(CLEAR) >= 3)
+        code = watch.interrupt()
+        assert (code, watch.stderr) == (ExitCode.OK, "")
+    frames = seen.split(CLEAR)[1:3]
     for frame in frames:
         assert frame.startswith(f"every 0.1s: flowrra status {fleet.url}")
         assert re.search(r"^queued\s+\d+$", frame, re.M)
@@ -116,25 +113,61 @@ def test_status_watch_redraws_until_ctrl_c(fleet: Fleet) -> None:
             assert node.node_id in frame
 
 
-def test_status_watch_json_prints_one_document_per_interval(fleet: Fleet) -> None:
-    proc = subprocess.Popen(
-        [FLOWRRA_EXE, "--broker", fleet.url, "status", "--watch", "--interval", "0.05", "--json"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=subprocess_env(),
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        documents = [json.loads(proc.stdout.readline()) for _ in range(2)]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == ExitCode.OK
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+@SIGINT_DISPOSITIONS
+def test_status_watch_json_prints_one_document_per_interval(fleet: Fleet, sigint: Sigint) -> None:
+    argv = ("status", "--watch", "--interval", "0.05", "--json")
+    with CliProcess(fleet.url, *argv, sigint=sigint) as watch:
+        out = watch.read_until(lambda out: out.count("\n") >= 2)
+        code = watch.interrupt()
+        assert (code, watch.stderr) == (ExitCode.OK, "")
+    documents = [json.loads(line) for line in out.splitlines()[:2]]
     assert all(len(d["nodes"]) == 2 for d in documents)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.03, 0.06, 0.1, 0.2, 0.4])
+def test_status_watch_ends_on_ctrl_c_right_after_start(fleet: Fleet, delay: float) -> None:
+    """SIGINT at once or soon after start (before the first frame, as a rule) ends it too.
+
+    A SIGINT that lands before the command runs gets Python's or click's own handling: while
+    the interpreter starts (a fatal error in ``site``: 1) or imports (a KeyboardInterrupt
+    traceback and death by SIGINT), while click parses ("Aborted!": 1). Whatever the moment,
+    the process ends at once; once the command runs, it ends cleanly. (With SIGINT inherited
+    ignored, one sent before the command installs its handler is discarded by the kernel.)
+    """
+    with CliProcess(fleet.url, "status", "--watch", "--interval", "0.1") as watch:
+        time.sleep(delay)
+        code = watch.interrupt()
+        assert code in (ExitCode.OK, ExitCode.FAILURE, -signal.SIGINT), watch.stderr
+        if code == ExitCode.OK:
+            assert watch.stderr == ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc/PID/task")
+@SIGINT_DISPOSITIONS
+def test_status_watch_of_a_broker_not_running_ends_on_ctrl_c(sigint: Sigint) -> None:
+    """Ctrl-C while still connecting ends it at once, not after the --timeout (30 s)."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    argv = ("--timeout", "30", "status", "--watch")
+    with CliProcess(url, *argv, sigint=sigint) as watch:
+        watch.wait_for_threads(3)  # ZeroMQ's threads: the command is connecting
+        code = watch.interrupt()
+        assert (code, watch.stderr, watch.text) == (ExitCode.OK, "", "")
+
+
+def test_status_watch_ends_on_ctrl_c_while_the_broker_is_gone(launcher: Launcher) -> None:
+    """Ctrl-C with a status request in flight to a broker that died ends it at once, not
+    after the request timeout (30 s)."""
+    broker = launcher.broker()
+    argv = ("--timeout", "30", "status", "--watch", "--interval", "0.05", "--json")
+    with CliProcess(broker.url, *argv) as watch:
+        watch.read_until(lambda out: out.count("\n") >= 1)
+        broker.process.kill9()
+        # Whatever was answered before the broker died arrives; then a request is out, and
+        # no answer (nor timeout) comes for 30 s.
+        before = watch.drain(0.5)
+        assert len(watch.drain(0.5)) == len(before), "answered after the broker died?"
+        code = watch.interrupt()
+        assert (code, watch.stderr) == (ExitCode.OK, "")
 
 
 def test_unreachable_broker_exits_unavailable_within_the_timeout() -> None:
