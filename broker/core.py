@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from broker import admin
 from broker.config import BrokerConfig
+from broker.limits import Limits
 from broker.queues import TaskQueues
 from broker.records import Attempt, TaskRecord
 from broker.registry import Lease, NodeRegistry, NodeState
@@ -149,6 +150,7 @@ class Broker:
         self.repo = TaskRepository(store)
         self.schedules = Schedules(self.repo)
         self.workflows = Workflows(self.repo)
+        self.limits = Limits()
         self.config = config
         self.broker_id = uuid.uuid4().hex
         self.welcome = Welcome(
@@ -206,7 +208,7 @@ class Broker:
 
     def _lease(self, record: TaskRecord, kind: SlotKind, peer: bytes, now: float) -> Lease:
         self.repo.lease(record)
-        lease = Lease(record.task_id, record.attempt, kind, peer, record)
+        lease = Lease(record.task_id, record.attempt, kind, peer, record, record.name)
         self.leases[record.task_id] = lease
         self._watch_deadline(record, now)
         return lease
@@ -267,6 +269,8 @@ class Broker:
         lease = self.leases.pop(task_id, None)
         if lease is not None:
             self.repo.end_lease(task_id)
+            if lease.name:
+                self.limits.ended(lease.name)
         return lease
 
     def _set_timer(self, record: TaskRecord, due_at: float) -> None:
@@ -301,6 +305,10 @@ class Broker:
         for task_id, attempt, node_id in self.repo.leases():
             lease = Lease(task_id, attempt, SlotKind.ASYNC, _ORPHAN)
             self.leases[task_id] = lease
+            recovered = self.repo.get(task_id)  # in flight: a few, bounded by the slots
+            if recovered is not None:
+                lease.name = recovered.name
+                self.limits.started(recovered.name, now)
             holder = self.nodes.by_node_id(node_id)
             if holder is not None:  # still connected (recovering from a failed commit)
                 self._attach(lease, holder, now)
@@ -343,6 +351,7 @@ class Broker:
             ]
         self.queues = TaskQueues()
         self.leases = {}
+        self.limits.reset_running()
         self.timers = Timers()
         for node in self.nodes:
             node.leases.clear()
@@ -597,6 +606,7 @@ class Broker:
                 if lease is not None and adopted.get(task_id) != lease.attempt:
                     self._requeue_lost(task_id, now, count_loss=False)
         node = self.nodes.add(peer, ready, now_ms)
+        self.limits.update(ready.limits)
         for task_id, attempt in adopted.items():
             lease = self.leases.get(task_id)
             if lease is None or lease.attempt != attempt:
@@ -700,12 +710,15 @@ class Broker:
         if not len(self.queues):
             return
         nodes = self.nodes.with_credit()
+        limits = self.limits
         while nodes and len(self.queues):
             still: list[NodeState] = []
             for node in nodes:
                 took = False
                 for kind in SlotKind:
                     names = node.names[kind]
+                    if limits and names:  # names at their fleet-wide limit wait, queued
+                        names = tuple(n for n in names if limits.allows(n, now))
                     if node.free[kind] > 0 and names:
                         picked = self.queues.pop_best(names)
                         if picked is not None:
@@ -730,6 +743,7 @@ class Broker:
         record.status = TaskStatus.RUNNING
         record.node_id = node.node_id
         self._lease(record, kind, node.peer, now)
+        self.limits.started(record.name, now)
         for observer in self.observers:
             waited = time.time() - (record.queued_at or record.submitted_at)
             observer.started(record.name, max(0.0, waited))
@@ -1030,4 +1044,9 @@ class Broker:
         next_slot = self.schedules.next_due()
         if next_slot is not None:
             wait = min(wait, next_slot - now)
+        if self.limits and len(self.queues):
+            waiting = [n for n in self.limits.names if self.queues.has_work((n,))]
+            opening = self.limits.next_opening(now, waiting)
+            if opening is not None:
+                wait = min(wait, opening - now)
         return max(wait, 0.0)

@@ -26,6 +26,7 @@ class Lease:
     kind: SlotKind
     node: bytes  # routing id of the node holding it
     record: TaskRecord | None = None
+    name: str = ""  # the task's name (for its fleet-wide limits)
 
 
 @dataclass(slots=True)

@@ -95,10 +95,14 @@ class Flowrra:
         priority: int = 0,
         cpu_bound: bool = False,
         timeout: float | None = None,
+        rate_limit: str | None = None,
+        max_concurrency: int | None = None,
     ) -> Callable[[F], F]:
         """Register a function as a task; the function itself is returned unchanged.
 
         Use it as ``@app.task()`` (or ``@app.task`` without parentheses for the defaults).
+        ``rate_limit="10/s"`` (also ``/m``, ``/h``) and ``max_concurrency=2`` are limits the
+        broker enforces across all nodes; runs held back stay queued.
         """
         if callable(name):  # used bare: @app.task
             return self.task()(name)
@@ -113,6 +117,8 @@ class Flowrra:
                 priority=priority,
                 cpu_bound=cpu_bound,
                 timeout=timeout,
+                rate_limit=rate_limit,
+                max_concurrency=max_concurrency,
             )
             existing = self._tasks.get(spec.name)
             if existing is not None and existing.fn is not fn:

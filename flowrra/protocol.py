@@ -20,7 +20,7 @@ import datetime as _dt
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 import msgpack
@@ -603,6 +603,28 @@ def parse_results(body: object) -> list[Outcome]:
     return out
 
 
+class TaskLimits(NamedTuple):
+    """A task's fleet-wide limits: at most ``rate_count`` starts in any ``rate_window_s``
+    seconds, and at most ``max_concurrency`` running at once (None: no such limit)."""
+
+    rate_count: int | None = None
+    rate_window_s: float | None = None
+    max_concurrency: int | None = None
+
+
+_RATE_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate_limit(text: str) -> tuple[int, float]:
+    """``"10/s"`` (also ``/m`` and ``/h``) as (10, 1.0); ValueError for anything else."""
+    count, _, unit = text.partition("/") if isinstance(text, str) else ("", "", "")
+    if not count.strip().isdigit() or unit.strip() not in _RATE_UNITS or int(count) < 1:
+        raise ValueError(
+            f"rate_limit must look like '10/s', '100/m' or '1000/h' with a count >= 1: {text!r}"
+        )
+    return int(count), _RATE_UNITS[unit.strip()]
+
+
 @dataclass(frozen=True, slots=True)
 class NodeReady:
     """A node's handshake: who it is, its capacity and the tasks it serves."""
@@ -614,9 +636,11 @@ class NodeReady:
     cpu_slots: int
     tasks: dict[str, SlotKind]
     running: list[tuple[str, int]]  # attempts it still holds after a reconnect
+    limits: dict[str, TaskLimits] = field(default_factory=dict)  # of the limited tasks
 
     def to_wire(self) -> dict[str, Any]:
         return {
+            "limits": {name: list(limit) for name, limit in self.limits.items()},
             "node_id": self.node_id,
             "hostname": self.hostname,
             "pid": self.pid,
@@ -654,7 +678,18 @@ def parse_ready(body: object) -> NodeReady:
         _expect(isinstance(item, list) and len(item) == 2, "bad running entry")
         _expect(isinstance(item[0], str) and _is_int(item[1]), "bad running entry")
         held.append((item[0], item[1]))
-    return NodeReady(node_id, hostname, pid, async_slots, cpu_slots, kinds, held)
+    limits: dict[str, TaskLimits] = {}
+    raw_limits = m.get("limits", {})
+    _expect(isinstance(raw_limits, dict) and len(raw_limits) <= 100_000, "bad limits map")
+    for name, limit in raw_limits.items():
+        _expect(isinstance(name, str) and isinstance(limit, list) and len(limit) == 3, "bad limit")
+        count, window, concurrency = limit
+        _expect(count is None or (_is_int(count) and count >= 1), "bad rate limit count")
+        _expect(window is None or (_is_number(window) and window > 0), "bad rate limit window")
+        _expect((count is None) == (window is None), "bad rate limit")
+        _expect(concurrency is None or (_is_int(concurrency) and concurrency >= 1), "bad limit")
+        limits[name] = TaskLimits(count, None if window is None else float(window), concurrency)
+    return NodeReady(node_id, hostname, pid, async_slots, cpu_slots, kinds, held, limits)
 
 
 @dataclass(frozen=True, slots=True)

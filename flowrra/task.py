@@ -54,6 +54,18 @@ class TaskSpec:
     cpu_bound: bool
     timeout: float | None
     is_async: bool
+    rate_limit: str | None = None  # "10/s": fleet-wide starts per window
+    max_concurrency: int | None = None  # fleet-wide runs at once
+
+    @property
+    def limits(self) -> protocol.TaskLimits | None:
+        """The fleet-wide limits the broker enforces for this task, if any."""
+        if self.rate_limit is None and self.max_concurrency is None:
+            return None
+        count, window = (None, None)
+        if self.rate_limit is not None:
+            count, window = protocol.parse_rate_limit(self.rate_limit)
+        return protocol.TaskLimits(count, window, self.max_concurrency)
 
     @property
     def kind(self) -> SlotKind:
@@ -79,6 +91,8 @@ def make_spec(
     priority: int,
     cpu_bound: bool,
     timeout: float | None,
+    rate_limit: str | None = None,
+    max_concurrency: int | None = None,
 ) -> TaskSpec:
     """Validate decorator arguments; a wrong combination is a TypeError or ValueError now."""
     if not callable(fn):
@@ -113,6 +127,14 @@ def make_spec(
         raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if rate_limit is not None:
+        protocol.parse_rate_limit(rate_limit)  # ValueError for "10/x", "0/s", ...
+    if max_concurrency is not None and (
+        isinstance(max_concurrency, bool)
+        or not isinstance(max_concurrency, int)
+        or max_concurrency < 1
+    ):
+        raise ValueError(f"max_concurrency must be an int >= 1 or None, got {max_concurrency!r}")
     name = name or default_task_name(fn)
     if len(name) > protocol.MAX_TASK_NAME_CHARS:
         raise ValueError(
@@ -127,6 +149,8 @@ def make_spec(
         cpu_bound=cpu_bound,
         timeout=None if timeout is None else float(timeout),
         is_async=is_async,
+        rate_limit=rate_limit,
+        max_concurrency=max_concurrency,
     )
 
 

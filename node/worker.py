@@ -140,6 +140,9 @@ class Node:
                 if spec.kind is SlotKind.ASYNC or self.processes
             },
             running=self._held_attempts(),
+            limits={
+                name: spec.limits for name, spec in self.specs.items() if spec.limits is not None
+            },
         )
         return protocol.encode(Command.READY, ready.to_wire())
 

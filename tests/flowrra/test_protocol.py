@@ -415,6 +415,8 @@ def _bad_ready_bodies() -> list[Any]:
     good = ready().to_wire()
     bodies: list[Any] = [None, [], "ready"]
     for key in good:
+        if key == "limits":
+            continue  # optional: nodes of limited tasks send it
         missing = dict(good)
         del missing[key]
         bodies.append(missing)
@@ -439,6 +441,12 @@ def _bad_ready_bodies() -> list[Any]:
         ("running", [["t", "1"]]),
         ("running", [[1, 1]]),
         ("running", ["t"]),
+        ("limits", []),
+        ("limits", {"t": [0, 1.0, None]}),
+        ("limits", {"t": [5, None, None]}),
+        ("limits", {"t": [5, 0, None]}),
+        ("limits", {"t": [None, None, 0]}),
+        ("limits", {"t": [1, 1.0]}),
     ]:
         bodies.append({**good, key: value})
     return bodies
@@ -454,6 +462,8 @@ def _bad_welcome_bodies() -> list[Any]:
     good = Welcome("b", "tcp://x:1", 1000, 3, 100).to_wire()
     bodies: list[Any] = [None, ["b"]]
     for key in good:
+        if key == "limits":
+            continue  # optional: nodes of limited tasks send it
         missing = dict(good)
         del missing[key]
         bodies.append(missing)
