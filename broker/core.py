@@ -418,6 +418,8 @@ class Broker:
             self.complete(peer, protocol.parse_results(body), now)
         elif command is Command.HEARTBEAT:
             self.heartbeat_from(peer, body, now)
+        elif command is Command.PROGRESS:
+            self.note_progress(peer, protocol.parse_progress(body))
         elif command is Command.GET:
             self.answer_get(peer, body)
         elif command is Command.HELLO:
@@ -749,6 +751,8 @@ class Broker:
             observer.started(record.name, max(0.0, waited))
         node.leases.add(task_id)
         node.free[kind] -= 1
+        if self.watched:
+            self._publish_to_watchers(record)
         self.outbox.tasks[node.peer].append(
             Dispatch(
                 task_id, record.attempt, record.name, record.payload, record.timeout_s
@@ -818,6 +822,26 @@ class Broker:
         if node is None:
             self.outbox.send(peer, Command.RECONNECT)
 
+    def note_progress(self, peer: bytes, reports: list[tuple[str, int, list[Any]]]) -> None:
+        """Keep each running attempt's latest progress with its record (stored when it
+        finishes) and push it to whoever watches the task; only the lease holder counts."""
+        self.tick_items += len(reports)
+        for task_id, attempt, progress in reports:
+            lease = self.leases.get(task_id)
+            if lease is None or lease.attempt != attempt or lease.node != peer:
+                continue
+            record = self._leased_record(lease)
+            if record is None:
+                continue
+            record.progress = progress
+            self._publish_to_watchers(record)
+
+    def _publish_to_watchers(self, record: TaskRecord) -> None:
+        """A change of a task that is not final: pushed only on its own topic, if watched."""
+        topic = record.task_id.encode()
+        if topic in self.watched:
+            self.outbox.results[topic].append(record.public())
+
     def _schedule_retry(self, record: TaskRecord, error: ErrorInfo, now: float) -> None:
         record.retries += 1
         record.status = TaskStatus.RETRYING
@@ -827,6 +851,8 @@ class Broker:
         record.node_id = None
         self.repo.save(record)
         self.counters["retried"] += 1
+        if self.watched:
+            self._publish_to_watchers(record)
         for observer in self.observers:
             observer.retried(record.name)
         log.warning(

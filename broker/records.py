@@ -62,6 +62,7 @@ class TaskRecord:
     deadline: float | None = None  # expires if not started by then (``expires=``)
     workflow_id: str | None = None  # the chain, group or chord it belongs to
     step: int = 0  # its step in that workflow
+    progress: list[Any] | None = None  # the latest [current, total, message] reported
 
     @classmethod
     def from_submission(cls, sub: Submission, order: int) -> TaskRecord:
@@ -110,6 +111,7 @@ class TaskRecord:
                 self.deadline,
                 self.workflow_id,
                 self.step,
+                self.progress,
             ],
             use_bin_type=True,
         )
@@ -176,4 +178,5 @@ class TaskRecord:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "eta": self.eta if self.status is TaskStatus.SCHEDULED else None,
+            "progress": self.progress,
         }

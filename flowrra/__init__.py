@@ -16,6 +16,7 @@ from flowrra.errors import (
     TaskTimeoutError,
     WorkerLostError,
 )
+from flowrra.progress import Progress, report_progress
 from flowrra.protocol import TaskStatus
 from flowrra.result import TaskResult
 from flowrra.workflow import Call, call
@@ -28,6 +29,7 @@ __all__ = [
     "Flowrra",
     "FlowrraError",
     "MessageTooLargeError",
+    "Progress",
     "ProtocolError",
     "RemoteTaskError",
     "SerializationError",
@@ -40,6 +42,7 @@ __all__ = [
     "WorkerLostError",
     "__version__",
     "call",
+    "report_progress",
 ]
 
 # A library logs only where the application asked it to.

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -468,6 +468,13 @@ class Flowrra:
         if not isinstance(task_id, str) or not task_id:
             raise ValueError(f"task_id must be a non-empty string: {task_id!r}")
         return bool(await self.admin("cancel", task_id=task_id))
+
+    async def watch(self, task_id: str) -> AsyncIterator[TaskResult]:
+        """``async for snapshot in app.watch(task_id)``: the task's state each time its
+        status or progress changes (the current one first), ending after the final one.
+        Updates are pushed by the broker; nothing polls. Unknown ids raise FlowrraError."""
+        async for record in self._connected().watch(task_id):
+            yield TaskResult.from_record(record)
 
     async def get_result(self, task_id: str) -> TaskResult | None:
         """The task's current state without waiting; None for an unknown id."""

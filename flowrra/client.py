@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from flowrra import protocol
@@ -28,7 +28,7 @@ from flowrra.errors import (
     SubmitRejected,
     TaskIdConflict,
 )
-from flowrra.protocol import Command, Submission, Welcome
+from flowrra.protocol import Command, Submission, TaskStatus, Welcome
 from flowrra.transport import Connector, Link, Subscriber, Wakeup
 
 log = logging.getLogger("flowrra.client")
@@ -38,9 +38,9 @@ log = logging.getLogger("flowrra.client")
 RESEND_INTERVAL_S = 1.0
 # A waiter that has heard nothing for this long asks the broker for its task's record: the
 # publication may have been dropped on the way (the broker bounds what it holds for a
-# subscriber, and results are stored). One GET covers every such waiter; a task still
-# running is asked about again after twice the interval, up to the maximum.
-QUIET_REQUERY_S = 2.0
+# subscriber that does not read, and results are stored). One GET covers every such waiter;
+# a task still running is asked about again after twice the interval, up to the maximum.
+QUIET_REQUERY_S = 1.0
 QUIET_REQUERY_MAX_S = 16.0
 # Final results kept for tasks nobody is waiting on yet (submit now, wait later).
 RESULT_CACHE_SIZE = 50_000
@@ -106,6 +106,7 @@ class BrokerClient:
         self._unanswered: dict[int, tuple[list[bytes], float]] = {}
         self._admin: dict[int, asyncio.Future[Any]] = {}
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._watchers: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
         # Awaited task ids: when to ask the broker about each if nothing arrives, and the
         # interval after that (QUIET_REQUERY_S); and the query asking, while unanswered.
         self._quiet: dict[str, tuple[float, float]] = {}
@@ -268,6 +269,8 @@ class BrokerClient:
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._waiters.setdefault(task_id, []).append(future)
         if task_id not in self._quiet:
+            if not self._quiet:
+                self._wakeup.set()  # the reader may be asleep with no deadline: give it one
             self._quiet[task_id] = (loop.time() + QUIET_REQUERY_S, QUIET_REQUERY_S)
         own = task_id.startswith(self.client_id)
         topic = task_id.encode()
@@ -456,6 +459,8 @@ class BrokerClient:
         for record in records:
             if record["status"] in _FINAL:
                 self._deliver(record)
+            if self._watchers:
+                self._to_watchers(record)
         wait = self._gets.get(request_id)
         if wait is None:
             self._unanswered.pop(request_id, None)
@@ -487,12 +492,51 @@ class BrokerClient:
                     record = protocol.parse_record(body)
                     if record["status"] in _FINAL:
                         self._deliver(record)
-                    else:  # queued again (a dead letter retried): forget the old result
+                    elif record["status"] == TaskStatus.PENDING.value:
+                        # Queued again (a dead letter retried): forget the old result.
                         self._forget(record["task_id"])
+                    if self._watchers:
+                        self._to_watchers(record)
             elif message.command is Command.SUBSCRIBED and frames[0] == self._prefix:
                 self._on_prefix_live()
         except ProtocolError as exc:
             log.warning("ignored a malformed publication: %s", exc)
+
+    async def watch(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The task's record each time its status or progress changes, pushed by the broker
+        (the current one first), until the final one."""
+        self._check_open()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._watchers.setdefault(task_id, []).append(queue)
+        topic = task_id.encode()
+        if self._subscriber is not None:
+            self._subscriber.subscribe(topic)  # the broker replays the record, then pushes
+        try:
+            (snapshot,) = await self.get([task_id])
+            if snapshot is None:
+                raise FlowrraError(f"no task {task_id!r} is known to the broker")
+            last: tuple[Any, ...] | None = None
+            record = snapshot
+            while True:
+                key = (record["status"], record["progress"], record["retries"])
+                if key != last:
+                    last = key
+                    yield record
+                if record["status"] in _FINAL:
+                    return
+                record = await queue.get()
+        finally:
+            queues = self._watchers.get(task_id)
+            if queues is not None:
+                queues.remove(queue)
+                if not queues:
+                    del self._watchers[task_id]
+            if self._subscriber is not None and not self._closed:
+                self._subscriber.unsubscribe(topic)
+
+    def _to_watchers(self, record: dict[str, Any]) -> None:
+        for queue in self._watchers.get(record["task_id"], ()):
+            queue.put_nowait(record)
 
     def _on_prefix_live(self) -> None:
         self._epoch += 1

@@ -81,6 +81,7 @@ class Command(enum.IntEnum):
     HEARTBEAT = 0x12
     BYE = 0x13
     PAUSE = 0x14  # the node is shutting down: send it no more tasks
+    PROGRESS = 0x15  # the latest progress of running attempts
     # broker -> client / node
     WELCOME = 0x20
     ACK = 0x21
@@ -99,7 +100,14 @@ _COMMAND_FRAMES: Final = {c: bytes([c]) for c in Command}
 
 # Commands only a node may send (a CURVE-authenticated client key is refused them).
 NODE_ONLY_COMMANDS: Final = frozenset(
-    {Command.READY, Command.RESULTS, Command.HEARTBEAT, Command.BYE, Command.PAUSE}
+    {
+        Command.READY,
+        Command.RESULTS,
+        Command.HEARTBEAT,
+        Command.BYE,
+        Command.PAUSE,
+        Command.PROGRESS,
+    }
 )
 
 
@@ -478,6 +486,23 @@ class Dispatch(NamedTuple):
         return list(self)
 
 
+def parse_progress(body: object) -> list[tuple[str, int, list[Any]]]:
+    """``[[task_id, attempt, current, total, message], ...]`` of a PROGRESS, as
+    ``(task_id, attempt, [current, total, message])``."""
+    out: list[tuple[str, int, list[Any]]] = []
+    for item in _list_body(body, "PROGRESS"):
+        _expect(type(item) is list and len(item) == 5, "PROGRESS items have 5 fields")
+        task_id, attempt, current, total, message = item
+        _expect(type(task_id) is str and _is_int(attempt), "bad PROGRESS task")
+        _expect(_is_number(current) and _optional_number(total), "bad PROGRESS numbers")
+        _expect(
+            message is None or (isinstance(message, str) and len(message) <= 1000),
+            "bad PROGRESS message",
+        )
+        out.append((task_id, attempt, [current, total, message]))
+    return out
+
+
 def parse_cancel(body: object) -> list[tuple[str, int]]:
     """``[[task_id, attempt], ...]`` of a CANCEL."""
     out: list[tuple[str, int]] = []
@@ -814,6 +839,7 @@ RECORD_FIELDS: Final = (
     "started_at",
     "finished_at",
     "eta",  # when a SCHEDULED task is due (Unix seconds) or None
+    "progress",  # the latest [current, total, message] its task reported, or None
 )
 
 
@@ -842,5 +868,11 @@ def parse_record(body: object) -> dict[str, Any]:
         and _optional_number(m["finished_at"])
         and _optional_number(m["eta"]),
         "bad record times",
+    )
+    progress = m["progress"]
+    _expect(
+        progress is None
+        or (type(progress) is list and len(progress) == 3 and _is_number(progress[0])),
+        "bad record progress",
     )
     return m

@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from flowrra.progress import Progress
 from flowrra.protocol import TaskStatus, unpack_value
 
 
@@ -28,6 +29,7 @@ class TaskResult:
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     eta: dt.datetime | None = None  # when a SCHEDULED task is due
+    progress: Progress | None = None  # the latest report_progress() of its task
 
     @property
     def success(self) -> bool:
@@ -55,4 +57,5 @@ class TaskResult:
             started_at=_when(record["started_at"]),
             finished_at=_when(record["finished_at"]),
             eta=_when(record["eta"]),
+            progress=None if record["progress"] is None else Progress(*record["progress"]),
         )

@@ -36,6 +36,7 @@ from typing import Any, Final
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from flowrra.errors import RemoteTaskError, TaskTimeoutError, WorkerLostError
+from flowrra.progress import Progress, Throttle, current_sink
 from flowrra.protocol import pack_value, unpack_args
 
 __all__ = ["FunctionRef", "ProcessPool"]
@@ -88,7 +89,13 @@ def _text(value: object) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _run_one(request: Any, cache: dict[tuple[str, str], Callable[..., Any]]) -> list[Any]:
+def _run_one(
+    request: Any, cache: dict[tuple[str, str], Callable[..., Any]], conn: Connection[Any, Any]
+) -> list[Any]:
+    # report_progress() in the task sends ["progress", current, total, message] to the node,
+    # at most every PROGRESS_INTERVAL_S; the latest one held back goes before the result.
+    throttle = Throttle(lambda p: conn.send_bytes(_pack(["progress", *p])))
+    token = current_sink.set(throttle)
     try:
         module_name, qualname, payload = request
         key = (module_name, qualname)
@@ -99,6 +106,9 @@ def _run_one(request: Any, cache: dict[tuple[str, str], Callable[..., Any]]) -> 
         return [True, pack_value(func(*args, **kwargs))]
     except BaseException as exc:  # SystemExit from a task is reported too, not obeyed
         return [False, [type(exc).__qualname__, _text(exc), _text(traceback.format_exc())]]
+    finally:
+        current_sink.reset(token)
+        throttle.flush()
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -135,7 +145,7 @@ def _worker_main(conn: Connection[Any, Any], parent_pid: int | None = None) -> N
             request = msgpack.unpackb(conn.recv_bytes(), raw=False)
             if request is None:
                 return
-            conn.send_bytes(_pack(_run_one(request, cache)))
+            conn.send_bytes(_pack(_run_one(request, cache, conn)))
     except (EOFError, OSError):
         return
 
@@ -154,6 +164,7 @@ class _Worker:
     reading: bool = True
     call: asyncio.Future[Any] | None = None
     call_name: str = ""
+    on_progress: Callable[[Progress], None] | None = None  # of the call it runs
     kill_reason: str | None = None  # set when the pool itself killed the process
     awaited: bool = False  # start() awaits `ready` and reports a failed start-up itself
 
@@ -218,7 +229,13 @@ class ProcessPool:
             await self.close()
             raise
 
-    async def run(self, ref: FunctionRef, payload: bytes, timeout_s: float | None) -> bytes:
+    async def run(
+        self,
+        ref: FunctionRef,
+        payload: bytes,
+        timeout_s: float | None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> bytes:
         """Run one call in a worker process and return its packed result.
 
         ``timeout_s`` counts from when a worker takes the call, not while waiting for a free
@@ -232,6 +249,7 @@ class ProcessPool:
         call: asyncio.Future[Any] = loop.create_future()
         worker.call = call
         worker.call_name = ref.qualname
+        worker.on_progress = on_progress
         with contextlib.suppress(OSError):  # a dying process: its sentinel will fail `call`
             worker.conn.send_bytes(_pack([ref.module, ref.qualname, payload]))
         try:
@@ -404,6 +422,11 @@ class ProcessPool:
         call = worker.call
         if call is None or call.done():
             return  # a reply to a call whose caller already gave up on it
+        if isinstance(message, list) and len(message) == 4 and message[0] == "progress":
+            _, current, total, text = message
+            if worker.on_progress is not None and isinstance(current, int | float):
+                worker.on_progress(Progress(current, total, text))
+            return
         if (
             isinstance(message, list)
             and len(message) == 2

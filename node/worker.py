@@ -8,6 +8,7 @@ only sends a task while the node has a free slot of the right kind, so nothing q
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 from flowrra import protocol
 from flowrra.errors import ProtocolError, RemoteTaskError, TaskTimeoutError
+from flowrra.progress import PROGRESS_INTERVAL_S, Progress, Throttle, current_sink
 from flowrra.protocol import Command, Dispatch, ErrorInfo, Outcome, SlotKind
 from flowrra.task import TaskSpec
 from flowrra.transport import Connector, Link, Wakeup, ZmqConnector
@@ -73,6 +75,9 @@ class Node:
         self._threads: ThreadPoolExecutor | None = None
         self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
         self._cancelled: set[tuple[str, int]] = set()  # attempts the broker cancelled
+        # Latest progress per running task, sent every PROGRESS_INTERVAL_S (coalesced).
+        self._progress: dict[str, list[Any]] = {}
+        self._progress_handle: asyncio.TimerHandle | None = None
         self._outcomes: list[list[Any]] = []
         self._recent: deque[tuple[float, list[Any]]] = deque(maxlen=RECENT_OUTCOMES_MAX)
         self._registrations = 0
@@ -319,27 +324,52 @@ class Node:
         if spec is None:
             raise LookupError(f"this node has no task named {dispatch.name!r}")
         timeout = dispatch.timeout_s
+        loop = asyncio.get_running_loop()
+
+        def on_progress(progress: Progress) -> None:
+            self._note_progress(dispatch.task_id, dispatch.attempt, progress)
+
         if spec.cpu_bound:
             if self._pool is None:
                 raise RuntimeError("this node runs no worker processes for cpu_bound tasks")
             return await self._pool.run(
-                FunctionRef(spec.module, spec.qualname), dispatch.payload, timeout
+                FunctionRef(spec.module, spec.qualname), dispatch.payload, timeout, on_progress
             )
         args, kwargs = protocol.unpack_args(dispatch.payload)
+        # report_progress() in the task (on this loop, or in a thread) lands in on_progress,
+        # at most every PROGRESS_INTERVAL_S.
+        current_sink.set(Throttle(lambda p: loop.call_soon_threadsafe(on_progress, p)))
         call: Awaitable[Any]
         if spec.is_async:
             call = spec.fn(*args, **kwargs)
         else:
             # A thread cannot be killed: on timeout the attempt fails now and the thread's
             # eventual return value is discarded.
-            loop = asyncio.get_running_loop()
-            call = loop.run_in_executor(self._threads, functools.partial(spec.fn, *args, **kwargs))
+            run = functools.partial(spec.fn, *args, **kwargs)
+            call = loop.run_in_executor(self._threads, contextvars.copy_context().run, run)
         if timeout is None:
             return protocol.pack_value(await call)
         try:
             return protocol.pack_value(await asyncio.wait_for(call, timeout))
         except TimeoutError:
             raise TaskTimeoutError(f"task exceeded its timeout of {timeout}s") from None
+
+    def _note_progress(self, task_id: str, attempt: int, progress: Progress) -> None:
+        """Keep a running attempt's latest progress; send all pending ones shortly."""
+        current = self._running.get(task_id)
+        if current is None or current[0] != attempt:
+            return  # it ended meanwhile: its outcome supersedes any progress
+        self._progress[task_id] = [task_id, attempt, *progress]
+        if self._progress_handle is None:
+            loop = asyncio.get_running_loop()
+            self._progress_handle = loop.call_later(PROGRESS_INTERVAL_S, self._flush_progress)
+
+    def _flush_progress(self) -> None:
+        self._progress_handle = None
+        pending, self._progress = self._progress, {}
+        items = [item for item in pending.values() if item[0] in self._running]
+        if items and self._link is not None:
+            self._link.send(protocol.encode(Command.PROGRESS, items))
 
     def _flush(self) -> None:
         self._flush_scheduled = False

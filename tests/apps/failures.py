@@ -162,3 +162,23 @@ async def total(values: list[int], extra: int = 0) -> int:
 @app.task(max_retries=0)
 async def boom(value: object = None) -> None:
     raise RuntimeError(f"boom after {value!r}")
+
+
+@app.task(max_retries=0)
+async def progress_steps(steps: int) -> int:
+    from flowrra import report_progress
+
+    for step in range(1, steps + 1):
+        report_progress(step, steps, f"step {step}")
+        await asyncio.sleep(0.05)
+    return steps
+
+
+@app.task(cpu_bound=True, max_retries=0)
+def cpu_progress_steps(steps: int) -> int:
+    from flowrra import report_progress
+
+    for step in range(1, steps + 1):
+        report_progress(step, steps, f"step {step}")
+        time.sleep(0.05)
+    return steps
