@@ -20,7 +20,15 @@ from flowrra.client import BrokerClient
 from flowrra.errors import AdminError, BrokerUnavailable, ProtocolError
 from flowrra.exitcodes import ExitCode
 from flowrra.options import curve_client_options
-from flowrra.protocol import unpack_args, unpack_value
+from flowrra.protocol import (
+    DEFAULT_BROKER_URL,
+    FINAL_STATUS_VALUES,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    TaskStatus,
+    unpack_args,
+    unpack_value,
+)
 from flowrra.result import TaskResult
 from flowrra.security import client_keys
 from flowrra.security import keygen as generate_keys
@@ -28,8 +36,8 @@ from flowrra.transport import ZmqConnector
 
 T = TypeVar("T")
 
-# Queue priorities the broker accepts (broker.queues.MIN_PRIORITY / MAX_PRIORITY).
-_PRIORITY = click.IntRange(-(2**31), 2**31 - 1)
+# Queue priorities the broker accepts.
+_PRIORITY = click.IntRange(MIN_PRIORITY, MAX_PRIORITY)
 # Clear the screen and move the cursor home (what click.clear() writes on a terminal).
 _CLEAR = "\033[2J\033[1;1H"
 DASHBOARD_EXTRA_HINT = (
@@ -222,7 +230,7 @@ async def _admin(obj: dict[str, Any], verb: str, **args: Any) -> Any:
 
 @click.group(context_settings={"auto_envvar_prefix": "FLOWRRA", "show_default": True})
 @click.version_option(__version__, prog_name="flowrra")
-@click.option("--broker", default="tcp://127.0.0.1:5555", help="The broker's endpoint.")
+@click.option("--broker", default=DEFAULT_BROKER_URL, help="The broker's endpoint.")
 @click.option("--timeout", default=5.0, type=click.FloatRange(min=0.1), help="Seconds to wait.")
 @curve_client_options
 @click.pass_context
@@ -292,6 +300,8 @@ def result(obj: dict[str, Any], task_id: str, wait_s: float | None, as_json: boo
             click.echo(json.dumps(fields, default=_jsonable))
             return
         click.echo(f"{task.task_id}  {task.task_name}  {task.status.value}")
+        if task.eta is not None:
+            click.echo(f"due: {task.eta.isoformat(timespec='milliseconds')}")
         if task.success:
             click.echo(f"result: {task.result!r}")
         if task.error:
@@ -313,6 +323,7 @@ def render_status(reply: dict[str, Any]) -> list[str]:
             ("in flight", reply.get("in_flight", 0)),
             ("retry timers", reply.get("retry_timers", 0)),
             ("dead letters", reply.get("dead_letters", 0)),
+            ("schedules", reply.get("schedules", 0)),
             ("results stored", reply.get("results_stored", 0)),
             ("tasks/s (1 min)", f"{reply.get('tasks_per_second_1m', 0.0):.3f}"),
         ]
@@ -407,7 +418,7 @@ async def _watch_status(obj: dict[str, Any], interval: float, as_json: bool, ctr
 # --------------------------------------------------------------------------- inspect
 
 
-_TIMESTAMPS = ("submitted_at", "started_at", "finished_at", "retry_at", "expires_at")
+_TIMESTAMPS = ("submitted_at", "started_at", "finished_at", "retry_at", "expires_at", "eta")
 
 
 def _decode_payload(payload: Any) -> tuple[list[Any], dict[str, Any]] | str:
@@ -479,6 +490,27 @@ def inspect_json(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _id_list(ids: Any, none: str, limit: int = 10) -> str:
+    """Task ids separated by commas (the first ``limit`` of them), or ``none``."""
+    if not ids:
+        return none
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown if len(ids) <= limit else f"{shown} and {len(ids) - limit} more"
+
+
+def _workflow_pairs(links: Any) -> list[tuple[str, object]]:
+    """The ``workflow`` / ``parents`` / ``children`` lines of a workflow member."""
+    if not isinstance(links, dict):
+        return []
+    step = links.get("step")
+    where = f", step {step + 1}" if isinstance(step, int) else ""
+    return [
+        ("workflow", f"{links.get('workflow')} ({links.get('kind')}{where})"),
+        ("parents", _id_list(links.get("parents"), "none (first step)")),
+        ("children", _id_list(links.get("children"), "none (last step)")),
+    ]
+
+
 def render_inspect(record: dict[str, Any]) -> list[str]:
     """The lines of ``flowrra inspect`` for one ``inspect`` reply."""
     decoded = _decode_payload(record.get("payload"))
@@ -489,6 +521,10 @@ def render_inspect(record: dict[str, Any]) -> list[str]:
         ("status", record["status"]),
         ("priority", record.get("priority", "-")),
         ("submitted", _iso(record.get("submitted_at"))),
+    ]
+    if record.get("eta") is not None:  # a SCHEDULED task: when it is due
+        pairs.append(("due", _iso(record["eta"])))
+    pairs += [
         ("started", _iso(record.get("started_at"))),
         ("finished", _iso(record.get("finished_at"))),
         (
@@ -502,6 +538,7 @@ def render_inspect(record: dict[str, Any]) -> list[str]:
         ("retry at", _iso(record.get("retry_at"))),
         ("worker losses", record.get("worker_losses", 0)),
         ("expires", _iso(record.get("expires_at"))),
+        *_workflow_pairs(record.get("workflow")),
     ]
     if isinstance(decoded, str):
         pairs.append(("args", decoded))
@@ -602,6 +639,55 @@ def purge(obj: dict[str, Any], priority: int | None, yes: bool) -> None:
     click.echo(f"dropped {dropped} {which}")
 
 
+# --------------------------------------------------------------------------- cancel
+
+
+async def _cancel(obj: dict[str, Any], task_id: str) -> tuple[bool, dict[str, Any] | None]:
+    """Whether ``cancel`` stopped the task, and, when it did not, the task's record (None:
+    unknown), on one connection."""
+    client = _client(obj)
+    await client.connect()
+    try:
+        if await client.admin("cancel", task_id=task_id):
+            return True, None
+        (record,) = await client.get([task_id])
+        return False, record
+    finally:
+        await client.close()
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def cancel(obj: dict[str, Any], task_id: str, as_json: bool) -> None:
+    """Stop a task before it finishes.
+
+    A scheduled, waiting, queued or retrying task never runs; a running one is cancelled on
+    its node. The task ends cancelled, with no retry. Exits 1 when the task had already
+    finished or the id is unknown.
+    """
+    stopped, record = _run(_cancel(obj, task_id))
+    if stopped:
+        status: str | None = TaskStatus.CANCELLED.value
+    else:
+        status = None if record is None else str(record["status"])
+    if as_json:
+        _echo_json({"task_id": task_id, "cancelled": stopped, "status": status})
+    if stopped:
+        if not as_json:
+            click.echo(f"task {task_id} cancelled")
+        return
+    if status is None:
+        message = f"unknown task id {task_id}"
+    elif status in FINAL_STATUS_VALUES:
+        message = f"task {task_id} had already finished ({status}): nothing cancelled"
+    else:  # not final, yet the broker did not cancel it
+        message = f"task {task_id} was not cancelled (status {status})"
+    click.echo(message, err=True)
+    sys.exit(ExitCode.FAILURE)
+
+
 # --------------------------------------------------------------------------- dead letters
 
 
@@ -649,6 +735,160 @@ def dead_retry(obj: dict[str, Any], task_id: str) -> None:
     """Queue a dead-lettered task again, with its retries reset."""
     queued = _run(_admin(obj, "dead_retry", task_id=task_id))
     click.echo(f"task {queued} queued again")
+
+
+# --------------------------------------------------------------------------- schedules
+
+# Schedule fields that hold Unix timestamps (and ``schedule`` itself for a one-off run).
+_SCHEDULE_TIMES = ("start", "next_run_at", "last_run_at")
+
+
+def schedule_text(schedule: dict[str, Any]) -> str:
+    """When a schedule runs, for people: the cron expression, ``every 30s``, ``at <ISO>``."""
+    kind, spec = schedule.get("schedule_type"), schedule.get("schedule")
+    is_number = isinstance(spec, int | float) and not isinstance(spec, bool)
+    if kind == "interval" and is_number:
+        return f"every {spec:g}s"
+    if kind == "once" and is_number:
+        return f"at {_iso(spec)}"
+    return str(spec)
+
+
+def schedule_json(schedule: dict[str, Any]) -> dict[str, Any]:
+    """One schedule of ``schedules list --json``: arguments decoded, times ISO."""
+    out = dict(schedule)
+    decoded = _decode_payload(schedule.get("payload"))
+    if isinstance(decoded, str):
+        out["args"] = out["kwargs"] = None
+        out["args_error"] = decoded
+    else:
+        out["args"], out["kwargs"] = decoded
+    for name in _SCHEDULE_TIMES:
+        if name in out:
+            out[name] = _iso_or_none(out[name])
+    if out.get("schedule_type") == "once" and isinstance(out.get("schedule"), int | float):
+        out["schedule"] = _iso(out["schedule"])
+    return out
+
+
+def render_schedules(schedules: Sequence[dict[str, Any]]) -> list[str]:
+    """The lines of ``flowrra schedules list``."""
+    if not schedules:
+        return ["no schedules"]
+    return _table(
+        (
+            "ID",
+            "TASK",
+            "TYPE",
+            "SCHEDULE",
+            "TZ",
+            "ENABLED",
+            "NEXT RUN",
+            "LAST RUN",
+            "LAST TASK ID",
+        ),
+        (
+            (
+                s["id"],
+                s["task_name"],
+                s["schedule_type"],
+                schedule_text(s),
+                s.get("tz") or "-",
+                "yes" if s.get("enabled") else "no",
+                # A disabled schedule has no next run: enabling it picks the next slot.
+                _iso(s.get("next_run_at")) if s.get("enabled") else "-",
+                _iso(s.get("last_run_at")),
+                s.get("last_task_id") or "-",
+            )
+            for s in schedules
+        ),
+    )
+
+
+@main.group()
+def schedules() -> None:
+    """Periodic schedules the broker keeps and fires.
+
+    Schedules are declared from an app with 'app.create_scheduler()'.
+    """
+
+
+@schedules.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def schedules_list(obj: dict[str, Any], as_json: bool) -> None:
+    """Every schedule, with its next and last run.
+
+    Times are UTC; a disabled schedule shows no next run. With --json, 'args' and 'kwargs'
+    are decoded and 'schedule' is a cron expression, interval seconds, or the ISO time of a
+    one-off run.
+    """
+    stored: list[dict[str, Any]] = _run(_admin(obj, "schedule_list"))
+    if as_json:
+        _echo_json([schedule_json(s) for s in stored])
+    else:
+        click.echo("\n".join(render_schedules(stored)))
+
+
+async def _change_schedule(
+    obj: dict[str, Any], verb: str, schedule_id: str, **args: Any
+) -> tuple[bool, dict[str, Any] | None]:
+    """Run a ``schedule_*`` verb; whether the id was known, and the schedule after it."""
+    client = _client(obj)
+    await client.connect()
+    try:
+        if not await client.admin(verb, id=schedule_id, **args):
+            return False, None
+        if verb == "schedule_remove":
+            return True, None
+        return True, await client.admin("schedule_get", id=schedule_id)
+    finally:
+        await client.close()
+
+
+def _schedule_changed(obj: dict[str, Any], verb: str, schedule_id: str, **args: Any) -> Any:
+    known, schedule = _run(_change_schedule(obj, verb, schedule_id, **args))
+    if not known:
+        click.echo(f"unknown schedule id {schedule_id}", err=True)
+        sys.exit(ExitCode.FAILURE)
+    return schedule
+
+
+@schedules.command("enable")
+@click.argument("schedule_id", metavar="ID")
+@click.pass_obj
+def schedules_enable(obj: dict[str, Any], schedule_id: str) -> None:
+    """Fire a disabled schedule again.
+
+    It runs from its next slot on; slots that passed while it was disabled do not run.
+    """
+    schedule = _schedule_changed(obj, "schedule_enable", schedule_id, enabled=True)
+    next_run = _iso(schedule.get("next_run_at")) if isinstance(schedule, dict) else "-"
+    click.echo(f"schedule {schedule_id} enabled: next run {next_run}")
+
+
+@schedules.command("disable")
+@click.argument("schedule_id", metavar="ID")
+@click.pass_obj
+def schedules_disable(obj: dict[str, Any], schedule_id: str) -> None:
+    """Stop firing a schedule, but keep it.
+
+    Tasks it already started are not touched; 'enable' starts it again.
+    """
+    _schedule_changed(obj, "schedule_enable", schedule_id, enabled=False)
+    click.echo(f"schedule {schedule_id} disabled")
+
+
+@schedules.command("remove")
+@click.argument("schedule_id", metavar="ID")
+@click.pass_obj
+def schedules_remove(obj: dict[str, Any], schedule_id: str) -> None:
+    """Delete a schedule.
+
+    Tasks it already started are not touched.
+    """
+    _schedule_changed(obj, "schedule_remove", schedule_id)
+    click.echo(f"schedule {schedule_id} removed")
 
 
 # --------------------------------------------------------------------------- dashboard

@@ -1,16 +1,21 @@
 """``flowrra dashboard``: a live web view of one broker, served by aiohttp.
 
 One page (plain HTML, CSS and vanilla JavaScript, no build step) shows the broker's nodes,
-queues, in-flight work, retry timers, a throughput chart, recent failures and a task lookup.
-It is fed by server-sent events: the server asks the broker for ``status`` once per poll
-interval over one shared :class:`~flowrra.client.BrokerClient`, keeps a few minutes of
-throughput history (from the broker's finished-task counters) and pushes one ``status`` event
-to every open page; the recent failures (``dead_list``, a scan on the broker) are fetched only
-when the status shows they changed, at most every few seconds, and pushed as a ``failures``
-event. JSON endpoints give the same data to scripts:
+queues, in-flight work, retry timers, a throughput chart, the periodic schedules, recent
+failures and a task lookup (with the workflow a task belongs to). It is fed by server-sent
+events: the server asks the broker for ``status`` once per poll interval over one shared
+:class:`~flowrra.client.BrokerClient` (and for ``schedule_list`` in the same poll when the
+status counts any schedule), keeps a few minutes of throughput history (from the broker's
+finished-task counters) and pushes one ``status`` event to every open page; the recent
+failures (``dead_list``, a scan on the broker) are fetched only when the status shows they
+changed, at most every few seconds, and pushed as a ``failures`` event. JSON endpoints give
+the same data to scripts:
 
-* ``GET /api/status`` — the broker's ``status`` reply plus the throughput history;
-* ``GET /api/task/{task_id}`` — one task's record with decoded arguments and result;
+* ``GET /api/status`` — the broker's ``status`` reply, the schedules and the throughput
+  history;
+* ``GET /api/task/{task_id}`` — one task's record with decoded arguments and result, and its
+  workflow links;
+* ``GET /api/schedules`` — every schedule, with decoded arguments;
 * ``GET /api/dead?limit=N`` — recent FAILED tasks with their errors;
 * ``GET /events`` — the server-sent event stream the page listens to.
 
@@ -61,6 +66,8 @@ DEAD_LIMIT: Final = 50
 DEAD_REFRESH_S: Final = 3.0
 # Arguments and results larger than this (msgpack bytes) are not decoded for display.
 MAX_DECODE_BYTES: Final = 256 * 1024
+# Most schedules a status event carries (the page says how many more there are).
+MAX_SCHEDULES_SHOWN: Final = 200
 # Seconds the server waits for open requests (event streams end at once) when it stops.
 SHUTDOWN_TIMEOUT_S: Final = 2.0
 
@@ -88,6 +95,8 @@ class Dashboard:
             maxlen=max(2, math.ceil(history_s / poll_interval_s))
         )
         self.latest: Snapshot | None = None
+        # The schedules (schedule_view) of the last poll that fetched them.
+        self.schedules: list[dict[str, Any]] = []
         self._client: BrokerClient | None = None
         self._connect_lock = asyncio.Lock()
         # (broker id, finished tasks, when) at the last successful poll, for the rate.
@@ -177,6 +186,8 @@ class Dashboard:
             log.info("broker available again at %s", self.broker_url)
         self._was_available = True
         self.history.append((now, self._rate(status, now)))
+        with contextlib.suppress(FlowrraError, ConnectionError):  # keep the last ones
+            self.schedules = await self.fetch_schedules(status)
         signature = dead_signature(status)
         if (
             self._subscribers  # nobody watching: no scan
@@ -190,6 +201,18 @@ class Dashboard:
                 self._failures_signature = signature
                 self._failures_fetched_at = now
         return self.snapshot(now, status, None)
+
+    async def fetch_schedules(
+        self, status: dict[str, Any] | None = None, *, with_args: bool = False
+    ) -> list[dict[str, Any]]:
+        """The broker's schedules (``schedule_list``) made displayable; none asked for when
+        ``status`` counts none."""
+        if status is not None and not status.get("schedules"):
+            return []
+        stored = await self.admin("schedule_list")
+        if not isinstance(stored, list):
+            raise ProtocolError("the broker's schedule_list reply is not a list")
+        return [schedule_view(s, with_args=with_args) for s in stored if isinstance(s, dict)]
 
     async def failures(self, limit: int = DEAD_LIMIT) -> list[dict[str, Any]]:
         """Recent FAILED tasks, newest first (``dead_list``)."""
@@ -218,6 +241,7 @@ class Dashboard:
             "time": round(now, 3),
             "poll_interval_s": self.poll_interval_s,
             "status": status,
+            "schedules": self.schedules[:MAX_SCHEDULES_SHOWN],
             "throughput": [[round(t, 3), rate] for t, rate in self.history],
         }
 
@@ -332,20 +356,11 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
             "finished_at",
             "retry_at",
             "expires_at",
+            "eta",  # when a SCHEDULED task is due
+            "workflow",  # None, or its workflow, kind, step, parents and children
         )
     }
-    payload = record.get("payload")
-    view["args"] = view["kwargs"] = view["args_note"] = None
-    if isinstance(payload, bytes):
-        if len(payload) > MAX_DECODE_BYTES:
-            view["args_note"] = f"{len(payload)} bytes of arguments: too large to show"
-        else:
-            try:
-                args, kwargs = protocol.unpack_args(payload)
-            except ProtocolError as exc:
-                view["args_note"] = f"undecodable arguments: {exc}"
-            else:
-                view["args"], view["kwargs"] = _plain(list(args)), _plain(kwargs)
+    view.update(_arguments(record.get("payload")))
     result = record.get("result")
     view["has_result"] = isinstance(result, bytes)
     view["result"] = view["result_note"] = None
@@ -374,6 +389,47 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
                 )
             )
     view["history"] = history
+    return view
+
+
+def _arguments(payload: Any) -> dict[str, Any]:
+    """``args``, ``kwargs`` and ``args_note`` (why they are not shown) of a packed call."""
+    out: dict[str, Any] = {"args": None, "kwargs": None, "args_note": None}
+    if isinstance(payload, bytes):
+        if len(payload) > MAX_DECODE_BYTES:
+            out["args_note"] = f"{len(payload)} bytes of arguments: too large to show"
+        else:
+            try:
+                args, kwargs = protocol.unpack_args(payload)
+            except ProtocolError as exc:
+                out["args_note"] = f"undecodable arguments: {exc}"
+            else:
+                out["args"], out["kwargs"] = _plain(list(args)), _plain(kwargs)
+    return out
+
+
+# What the page shows of a schedule (its packed arguments are never shipped raw).
+SCHEDULE_VIEW_FIELDS: Final = (
+    "id",
+    "task_name",
+    "schedule_type",
+    "schedule",  # cron expression, interval seconds, or run_at (Unix seconds)
+    "tz",
+    "enabled",
+    "description",
+    "priority",
+    "catch_up",
+    "next_run_at",
+    "last_run_at",
+    "last_task_id",
+)
+
+
+def schedule_view(schedule: dict[str, Any], *, with_args: bool = False) -> dict[str, Any]:
+    """One ``schedule_list`` entry made displayable (with its arguments decoded if asked)."""
+    view = {key: _plain(schedule.get(key)) for key in SCHEDULE_VIEW_FIELDS}
+    if with_args:
+        view.update(_arguments(schedule.get("payload")))
     return view
 
 
@@ -427,6 +483,9 @@ async def _api_status(request: web.Request) -> web.Response:
         status = await dashboard.admin("status")
     except (FlowrraError, ConnectionError) as exc:
         return _unavailable(exc)
+    if isinstance(status, dict):
+        with contextlib.suppress(FlowrraError, ConnectionError):  # keep the last ones
+            dashboard.schedules = await dashboard.fetch_schedules(status)
     return _json(dashboard.snapshot(time.time(), status, None))
 
 
@@ -441,6 +500,16 @@ async def _api_task(request: web.Request) -> web.Response:
     if record is None:
         return _json({"error": f"unknown task id {task_id}"}, status=404)
     return _json(task_view(record))
+
+
+async def _api_schedules(request: web.Request) -> web.Response:
+    try:
+        schedules = await request.app[DASHBOARD].fetch_schedules(with_args=True)
+    except AdminError as exc:
+        return _json({"error": str(exc)}, status=400)
+    except (FlowrraError, ConnectionError) as exc:
+        return _unavailable(exc)
+    return _json(schedules)
 
 
 async def _api_dead(request: web.Request) -> web.Response:
@@ -512,6 +581,7 @@ def make_app(broker_url: str, **options: Any) -> web.Application:
     app.router.add_get("/events", _events)
     app.router.add_get("/api/status", _api_status)
     app.router.add_get("/api/task/{task_id:.+}", _api_task)
+    app.router.add_get("/api/schedules", _api_schedules)
     app.router.add_get("/api/dead", _api_dead)
     return app
 
@@ -606,6 +676,9 @@ INDEX_HTML: Final = """<!doctype html>
     <div class="card"><div class="label">Failed</div>
       <div class="value bad" id="failed">&ndash;</div>
       <div class="sub">retried <span id="retried">&ndash;</span></div></div>
+    <div class="card"><div class="label">Cancelled</div>
+      <div class="value" id="cancelled">&ndash;</div>
+      <div class="sub">expired <span id="expired">&ndash;</span></div></div>
   </section>
 
   <section class="panel wide">
@@ -628,6 +701,15 @@ INDEX_HTML: Final = """<!doctype html>
         <th class="num">Done</th><th class="num">Failed</th><th class="num">Heartbeat</th>
         <th class="num">Tasks</th></tr></thead>
       <tbody id="node-rows"></tbody>
+    </table>
+  </section>
+
+  <section class="panel wide">
+    <h2>Schedules <span class="muted" id="schedule-count"></span></h2>
+    <table class="schedules">
+      <thead><tr><th>Id</th><th>Task</th><th>Schedule</th><th>Enabled</th><th>Next run</th>
+        <th>Last run</th><th>Last task</th></tr></thead>
+      <tbody id="schedule-rows"></tbody>
     </table>
   </section>
 
@@ -717,6 +799,9 @@ dt { color: var(--muted); } dd { margin: 0; }
 .status-success { color: var(--ok); font-weight: 600; }
 .status-failed { color: var(--bad); font-weight: 600; }
 .status-running, .status-retrying, .status-pending { color: var(--warn); font-weight: 600; }
+.status-scheduled, .status-waiting { color: var(--accent); font-weight: 600; }
+.status-expired, .status-cancelled { color: var(--muted); font-weight: 600; }
+.schedules tr.disabled td { color: var(--muted); }
 details summary { cursor: pointer; color: var(--muted); font-size: 12px; }
 """
 
@@ -821,11 +906,14 @@ SCRIPT_JS: Final = r"""
     $("failed").textContent = fmtInt(counters.failed || 0);
     $("submitted").textContent = fmtInt(counters.submitted || 0);
     $("retried").textContent = fmtInt(counters.retried || 0);
+    $("cancelled").textContent = fmtInt(counters.cancelled || 0);
+    $("expired").textContent = fmtInt(counters.expired || 0);
     $("rate-1m").textContent = fmtRate(s.tasks_per_second_1m);
     const samples = snapshot.throughput.filter((p) => p[1] !== null);
     $("rate-now").textContent = samples.length ? fmtRate(samples[samples.length - 1][1]) : DASH;
     renderQueues(s);
     renderNodes(s.nodes || []);
+    renderSchedules(snapshot.schedules || [], s.schedules);
   }
 
   function renderQueues(s) {
@@ -864,6 +952,48 @@ SCRIPT_JS: Final = r"""
         el("td", { class: "num", title: names.join("\n") }, fmtInt(names.length)));
     });
     $("node-rows").replaceChildren(...(rows.length ? rows : [emptyRow(8, "no nodes connected")]));
+  }
+
+  // ------------------------------------------------------------------ schedules
+
+  function fmtSeconds(s) {
+    if (s < 60) return (Number.isInteger(s) ? String(s) : s.toFixed(2)) + " s";
+    return fmtDuration(s);
+  }
+
+  function fmtSchedule(s) {
+    if (s.schedule_type === "interval" && typeof s.schedule === "number") {
+      return "every " + fmtSeconds(s.schedule);
+    }
+    if (s.schedule_type === "once" && typeof s.schedule === "number") {
+      return "once, " + fmtTime(s.schedule);
+    }
+    return "cron " + String(s.schedule);
+  }
+
+  function taskLink(taskId) {
+    const link = el("button", { class: "link mono", type: "button" }, taskId);
+    link.addEventListener("click", () => lookup(taskId));
+    return link;
+  }
+
+  function renderSchedules(list, total) {
+    const count = typeof total === "number" ? total : list.length;
+    $("schedule-count").textContent = count + (count === 1 ? " schedule" : " schedules");
+    const rows = list.map((s) => el("tr", { "data-schedule-id": s.id,
+      class: s.enabled ? "enabled" : "disabled" },
+      el("td", { class: "mono schedule-id", title: s.description || "" }, s.id),
+      el("td", { class: "mono schedule-task" }, s.task_name),
+      el("td", { class: "schedule-when" }, fmtSchedule(s),
+        el("span", { class: "muted" }, " " + s.tz)),
+      el("td", { class: "schedule-enabled " + (s.enabled ? "ok" : "muted") },
+        s.enabled ? "yes" : "no"),
+      // A disabled schedule has no next run: enabling it picks the next slot.
+      el("td", { class: "schedule-next" }, s.enabled ? fmtTime(s.next_run_at) : DASH),
+      el("td", { class: "schedule-last" }, fmtTime(s.last_run_at)),
+      el("td", null, s.last_task_id ? taskLink(s.last_task_id) : DASH)));
+    if (count > list.length) rows.push(emptyRow(7, (count - list.length) + " more"));
+    $("schedule-rows").replaceChildren(...(rows.length ? rows : [emptyRow(7, "no schedules")]));
   }
 
   // ------------------------------------------------------------------ chart
@@ -957,10 +1087,8 @@ SCRIPT_JS: Final = r"""
         error.append(el("details", null, el("summary", null, "traceback"),
           el("pre", null, r.traceback)));
       }
-      const link = el("button", { class: "link mono", type: "button" }, r.task_id);
-      link.addEventListener("click", () => lookup(r.task_id));
       return el("tr", { "data-task-id": r.task_id },
-        el("td", null, fmtTime(r.finished_at)), el("td", null, link),
+        el("td", null, fmtTime(r.finished_at)), el("td", null, taskLink(r.task_id)),
         el("td", { class: "mono" }, r.task_name), error,
         el("td", { class: "num" }, fmtInt(r.retries)));
     });
@@ -971,6 +1099,20 @@ SCRIPT_JS: Final = r"""
 
   function field(list, name, value) {
     list.append(el("dt", null, name), el("dd", null, value));
+  }
+
+  function taskLinks(ids, none, id) {
+    const out = el("span", { id: id });
+    if (!ids || !ids.length) {
+      out.append(el("span", { class: "muted" }, none));
+      return out;
+    }
+    ids.slice(0, 50).forEach((taskId, i) => {
+      if (i) out.append(", ");
+      out.append(taskLink(taskId));
+    });
+    if (ids.length > 50) out.append(" and " + (ids.length - 50) + " more");
+    return out;
   }
 
   async function lookup(taskId) {
@@ -1004,6 +1146,15 @@ SCRIPT_JS: Final = r"""
     if (data.started_at) field(info, "Started", fmtTime(data.started_at));
     if (data.finished_at) field(info, "Finished", fmtTime(data.finished_at));
     if (data.retry_at) field(info, "Next retry", fmtTime(data.retry_at));
+    if (data.eta) field(info, "Due", el("span", { id: "lookup-eta" }, fmtTime(data.eta)));
+    const wf = data.workflow;
+    if (wf) {
+      field(info, "Workflow", el("span", { id: "lookup-workflow" },
+        el("span", { class: "mono" }, wf.workflow),
+        " (" + wf.kind + (typeof wf.step === "number" ? ", step " + (wf.step + 1) : "") + ")"));
+      field(info, "Parents", taskLinks(wf.parents, "none (first step)", "lookup-parents"));
+      field(info, "Children", taskLinks(wf.children, "none (last step)", "lookup-children"));
+    }
     const parts = [info];
     if (data.args_note) parts.push(el("p", { class: "muted" }, data.args_note));
     else {
@@ -1027,7 +1178,8 @@ SCRIPT_JS: Final = r"""
       const rows = data.history.map((h) => el("tr", null,
         el("td", { class: "num" }, h.attempt), el("td", { class: "mono" }, h.node_id || DASH),
         el("td", null, fmtTime(h.started_at)), el("td", null, fmtTime(h.finished_at)),
-        el("td", null, h.outcome), el("td", { class: "bad" }, h.error || "")));
+        el("td", { class: "status-" + h.outcome }, h.outcome),
+        el("td", { class: "bad" }, h.error || "")));
       parts.push(el("h3", null, "History"), el("table", null,
         el("thead", null, el("tr", null, ...["#", "Node", "Started", "Finished", "Outcome",
           "Error"].map((h) => el("th", null, h)))),

@@ -1,4 +1,5 @@
-"""``flowrra status / inspect / tasks / purge / dead`` against a real broker and nodes."""
+"""``flowrra status / inspect / tasks / purge / cancel / dead / schedules`` against a real
+broker and nodes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Literal
 
 import pytest
 
+from flowrra import call
 from flowrra.exitcodes import ExitCode
 from flowrra.protocol import TaskStatus
 from tests.cli import cliapp
@@ -172,7 +174,16 @@ def test_status_watch_ends_on_ctrl_c_while_the_broker_is_gone(launcher: Launcher
 
 def test_unreachable_broker_exits_unavailable_within_the_timeout() -> None:
     url = f"tcp://127.0.0.1:{free_port()}"
-    for args in (["status"], ["inspect", "x"], ["tasks"], ["dead", "list"], ["purge", "--yes"]):
+    for args in (
+        ["status"],
+        ["inspect", "x"],
+        ["tasks"],
+        ["dead", "list"],
+        ["purge", "--yes"],
+        ["cancel", "x"],
+        ["schedules", "list"],
+        ["schedules", "disable", "x"],
+    ):
         started = time.monotonic()
         result = invoke(url, *args, timeout=0.3)
         assert result.exit_code == ExitCode.UNAVAILABLE, result.output
@@ -329,3 +340,202 @@ def test_ping(fleet: Fleet) -> None:
     assert welcome["endpoint"] == fleet.url
     assert welcome["publish"] == fleet.broker.publish_url
     assert welcome["heartbeat_ms"] == 200
+
+
+# --------------------------------------------------------------------------- workflows
+
+
+def test_inspect_shows_workflow_links(fleet: Fleet) -> None:
+    """A chain whose first link no node serves: the second one waits, linked to it."""
+    client = fleet.client
+    last = client.run(lambda app: app.chain(call(UNSERVED), call(cliapp.add, 1)))
+    waiting = ok_json(fleet.url, "inspect", last)
+    assert waiting["status"] == TaskStatus.WAITING.value
+    links = waiting["workflow"]
+    assert links["kind"] == "chain" and links["step"] == 1 and links["children"] == []
+    (first,) = links["parents"]
+    try:
+        out = ok(fleet.url, "inspect", last)
+        assert _row(out, "status", "waiting")
+        assert _row(out, "workflow", links["workflow"], "(chain,", "step", "2)")
+        assert _row(out, "parents", first)
+        assert _row(out, "children", "none", "(last", "step)")
+
+        head = ok_json(fleet.url, "inspect", first)
+        assert head["status"] == TaskStatus.PENDING.value
+        assert head["workflow"] == {
+            "workflow": links["workflow"],
+            "kind": "chain",
+            "step": 0,
+            "parents": [],
+            "children": [last],
+        }
+        out = ok(fleet.url, "inspect", first)
+        assert _row(out, "parents", "none", "(first", "step)")
+        assert _row(out, "children", last)
+    finally:
+        # Cancelling the head ends the chain: the waiting link fails, naming it.
+        assert ok(fleet.url, "cancel", first) == f"task {first} cancelled\n"
+    final = client.wait(last)
+    assert final.status is TaskStatus.FAILED and first in (final.error or "")
+    assert "workflow" not in ok(fleet.url, "inspect", done_id(client))
+
+
+def done_id(client: Client) -> str:
+    """A task outside any workflow, finished."""
+    task_id = client.submit(cliapp.add, 1, 1)
+    assert client.wait(task_id).success
+    return task_id
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def test_cancel_a_scheduled_task(fleet: Fleet) -> None:
+    client = fleet.client
+    task_id = client.run(lambda app: app.submit(cliapp.add, 1, 2, countdown=60))
+    before = ok_json(fleet.url, "inspect", task_id)
+    assert before["status"] == TaskStatus.SCHEDULED.value and _is_iso(before["eta"])
+    out = ok(fleet.url, "inspect", task_id)
+    assert _row(out, "status", "scheduled") and _row(out, "due", before["eta"])
+    assert ok(fleet.url, "result", task_id).splitlines()[1] == f"due: {before['eta']}"
+
+    assert ok(fleet.url, "cancel", task_id) == f"task {task_id} cancelled\n"
+    cancelled = client.get(task_id)
+    assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
+    assert ok_json(fleet.url, "inspect", task_id)["status"] == "cancelled"
+    assert ok_json(fleet.url, "result", task_id)["status"] == "cancelled"
+    assert _row(ok(fleet.url, "inspect", task_id), "status", "cancelled")
+
+    # Once final, nothing more to cancel: exit 1 with a message saying so.
+    again = invoke(fleet.url, "cancel", task_id)
+    assert again.exit_code == ExitCode.FAILURE and again.stdout == ""
+    assert again.stderr == f"task {task_id} had already finished (cancelled): nothing cancelled\n"
+
+
+def test_cancel_json_and_finished_tasks(fleet: Fleet) -> None:
+    client = fleet.client
+    queued = client.submit(UNSERVED)  # no node serves it: it stays queued
+    assert ok_json(fleet.url, "cancel", queued) == {
+        "task_id": queued,
+        "cancelled": True,
+        "status": "cancelled",
+    }
+    assert client.status()["queued_by_name"].get(UNSERVED, 0) == 0
+
+    finished = done_id(client)
+    refused = invoke(fleet.url, "cancel", finished, "--json")
+    assert refused.exit_code == ExitCode.FAILURE
+    assert json.loads(refused.stdout) == {
+        "task_id": finished,
+        "cancelled": False,
+        "status": "success",
+    }
+    assert refused.stderr == f"task {finished} had already finished (success): nothing cancelled\n"
+    assert client.wait(finished).result == {"sum": 2, "label": ""}  # untouched
+
+
+def test_cancel_unknown_task(fleet: Fleet) -> None:
+    result = invoke(fleet.url, "cancel", "no-such-task")
+    assert result.exit_code == ExitCode.FAILURE
+    assert (result.stdout, result.stderr) == ("", "unknown task id no-such-task\n")
+    result = invoke(fleet.url, "cancel", "no-such-task", "--json")
+    assert result.exit_code == ExitCode.FAILURE
+    assert json.loads(result.stdout) == {
+        "task_id": "no-such-task",
+        "cancelled": False,
+        "status": None,
+    }
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_schedules_list_disable_enable_remove(fleet: Fleet) -> None:
+    client = fleet.client
+    # Hourly: declared now, its first slot is an hour away, so nothing fires meanwhile.
+    interval_id = client.run(
+        lambda app: app.create_scheduler().schedule_interval(
+            cliapp.add, 3600, args=[1, 2], kwargs={"label": "hourly"}, description="every hour"
+        )
+    )
+    cron_id = client.run(
+        lambda app: app.create_scheduler().schedule_cron(
+            cliapp.add, "0 3 * * *", args=[5, 5], tz="Europe/Berlin", task_id="cli-nightly"
+        )
+    )
+    assert cron_id == "cli-nightly"
+    try:
+        listed = {s["id"]: s for s in ok_json(fleet.url, "schedules", "list")}
+        hourly = listed[interval_id]
+        assert hourly["task_name"] == "cli.add" and hourly["schedule_type"] == "interval"
+        assert hourly["schedule"] == 3600 and hourly["tz"] == "UTC"
+        assert hourly["enabled"] is True and hourly["description"] == "every hour"
+        assert hourly["args"] == [1, 2] and hourly["kwargs"] == {"label": "hourly"}
+        assert hourly["last_run_at"] is None and hourly["last_task_id"] is None
+        next_run = dt.datetime.fromisoformat(hourly["next_run_at"])
+        start = dt.datetime.fromisoformat(hourly["start"])
+        assert next_run - start == dt.timedelta(hours=1)
+        nightly = listed[cron_id]
+        assert nightly["schedule"] == "0 3 * * *" and nightly["tz"] == "Europe/Berlin"
+        assert _is_iso(nightly["next_run_at"])
+        assert client.status()["schedules"] >= 2
+        assert re.search(r"^schedules\s+\d+$", ok(fleet.url, "status"), re.M)
+
+        out = ok(fleet.url, "schedules", "list")
+        assert re.search(
+            r"^ID\s+TASK\s+TYPE\s+SCHEDULE\s+TZ\s+ENABLED\s+NEXT RUN\s+LAST RUN\s+LAST TASK ID$",
+            out,
+            re.M,
+        )
+        assert _row(out, interval_id, "cli.add", "interval", "every", "3600s", "UTC", "yes",
+                    hourly["next_run_at"], "-", "-")  # fmt: skip
+        assert _row(out, cron_id, "cli.add", "cron", "0", "3", "*", "*", "*", "Europe/Berlin",
+                    "yes", nightly["next_run_at"], "-", "-")  # fmt: skip
+
+        assert ok(fleet.url, "schedules", "disable", interval_id) == (
+            f"schedule {interval_id} disabled\n"
+        )
+        disabled = {s["id"]: s for s in ok_json(fleet.url, "schedules", "list")}[interval_id]
+        assert disabled["enabled"] is False
+        assert _row(ok(fleet.url, "schedules", "list"), interval_id, "cli.add", "interval",
+                    "every", "3600s", "UTC", "no", "-", "-", "-")  # fmt: skip
+
+        enabled = ok(fleet.url, "schedules", "enable", interval_id)
+        assert re.fullmatch(rf"schedule {interval_id} enabled: next run (\S+)\n", enabled)
+        after = {s["id"]: s for s in ok_json(fleet.url, "schedules", "list")}[interval_id]
+        assert after["enabled"] is True and enabled.split()[-1] == after["next_run_at"]
+
+        for schedule_id in (interval_id, cron_id):
+            assert ok(fleet.url, "schedules", "remove", schedule_id) == (
+                f"schedule {schedule_id} removed\n"
+            )
+        remaining = {s["id"] for s in ok_json(fleet.url, "schedules", "list")}
+        assert not remaining & {interval_id, cron_id}
+    finally:
+        for schedule_id in (interval_id, cron_id):
+            invoke(fleet.url, "schedules", "remove", schedule_id)
+
+
+def test_schedules_of_unknown_ids_and_none(launcher: Launcher) -> None:
+    broker = launcher.broker()
+    assert ok(broker.url, "schedules", "list") == "no schedules\n"
+    assert ok_json(broker.url, "schedules", "list") == []
+    for verb in ("enable", "disable", "remove"):
+        result = invoke(broker.url, "schedules", verb, "no-such-schedule")
+        assert result.exit_code == ExitCode.FAILURE, verb
+        assert (result.stdout, result.stderr) == ("", "unknown schedule id no-such-schedule\n")
+
+
+def test_schedule_once_is_listed_at_its_time(launcher: Launcher) -> None:
+    broker = launcher.broker()
+    client = Client(broker.url)
+    run_at = dt.datetime(2099, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    schedule_id = client.run(
+        lambda app: app.create_scheduler().schedule_once(UNSERVED, run_at, enabled=False)
+    )
+    (listed,) = ok_json(broker.url, "schedules", "list")
+    assert listed["id"] == schedule_id and listed["schedule_type"] == "once"
+    assert listed["schedule"] == "2099-01-02T03:04:05.000+00:00" and listed["enabled"] is False
+    assert _row(ok(broker.url, "schedules", "list"), schedule_id, UNSERVED, "once", "at",
+                "2099-01-02T03:04:05.000+00:00", "UTC", "no", "-", "-", "-")  # fmt: skip

@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from flowrra import TaskStatus
+from flowrra import TaskStatus, call
 from flowrra.security import keygen
 from tests.apps import fleet
 from tests.conftest import (
@@ -114,6 +114,45 @@ async def run_some_tasks(stack: Stack) -> tuple[list[str], str]:
     return ok_ids, failing
 
 
+@contextlib.asynccontextmanager
+async def hourly_schedule(stack: Stack, *words: str) -> AsyncIterator[str]:
+    """An hourly schedule of ``fleet.echo(*words)`` (its first slot is an hour away, so it
+    never fires during a test), removed afterwards; its id."""
+    async with remote_twin(fleet.app, stack.broker) as app:
+        schedule_id = await app.create_scheduler().schedule_interval(
+            fleet.echo, 3600, args=list(words), description="hourly <b>echo</b>"
+        )
+    try:
+        yield schedule_id
+    finally:
+        async with remote_twin(fleet.app, stack.broker) as app:
+            await app.create_scheduler().unschedule(schedule_id)
+
+
+async def status_event(
+    session: Any, url: str, done: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+) -> dict[str, Any]:
+    """The first ``status`` event of the stream for which ``done(snapshot)`` holds."""
+    async with session.get(f"{url}/events") as response:
+        name = None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no such status event in time"
+            raw = await asyncio.wait_for(response.content.readline(), remaining)
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: ") and name == "status":
+                snapshot: dict[str, Any] = json.loads(line.removeprefix("data: "))
+                if done(snapshot):
+                    return snapshot
+
+
+def schedule_in(snapshot: dict[str, Any], schedule_id: str) -> dict[str, Any] | None:
+    return next((s for s in snapshot.get("schedules") or [] if s["id"] == schedule_id), None)
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -153,6 +192,71 @@ async def test_json_endpoints(stack: Stack) -> None:
         status, dead = await get_json(session, f"{stack.url}/api/dead")
         assert status == 200
         assert any(r["task_id"] == failing and r["error"] == f"ValueError: {XSS}" for r in dead)
+
+
+async def test_schedules_in_status_events_and_api(stack: Stack) -> None:
+    async with (
+        hourly_schedule(stack, "from-a-schedule") as schedule_id,
+        aiohttp.ClientSession() as session,
+    ):
+        status, body = await get_json(session, f"{stack.url}/api/status")
+        assert status == 200 and body["status"]["schedules"] >= 1
+        shown = schedule_in(body, schedule_id)
+        assert shown is not None
+        assert shown["task_name"] == "tests.apps.fleet.echo" and shown["enabled"] is True
+        assert shown["schedule_type"] == "interval" and shown["schedule"] == 3600
+        assert shown["tz"] == "UTC" and shown["last_run_at"] is None
+        assert shown["next_run_at"] > time.time() + 3000
+        assert "payload" not in shown and "args" not in shown
+
+        status, listed = await get_json(session, f"{stack.url}/api/schedules")
+        assert status == 200
+        full = next(s for s in listed if s["id"] == schedule_id)
+        assert full["args"] == ["from-a-schedule"] and full["kwargs"] == {}
+        assert full["description"] == "hourly <b>echo</b>"
+
+        # The page's event stream carries them, refreshed on every poll.
+        snapshot = await status_event(
+            session, stack.url, lambda s: schedule_in(s, schedule_id) is not None
+        )
+        assert schedule_in(snapshot, schedule_id) == shown
+        async with remote_twin(fleet.app, stack.broker) as app:
+            assert await app.create_scheduler().disable_task(schedule_id)
+        snapshot = await status_event(
+            session,
+            stack.url,
+            lambda s: (schedule_in(s, schedule_id) or {}).get("enabled") is False,
+        )
+    async with aiohttp.ClientSession() as session:
+        snapshot = await status_event(
+            session, stack.url, lambda s: schedule_in(s, schedule_id) is None
+        )
+        status, listed = await get_json(session, f"{stack.url}/api/schedules")
+        assert schedule_id not in {s["id"] for s in listed}
+
+
+async def test_task_api_shows_workflow_links_and_new_statuses(stack: Stack) -> None:
+    async with remote_twin(fleet.app, stack.broker) as app:
+        last = await app.chain(call(fleet.echo, "first"), call(fleet.echo, "second"))
+        assert (await app.wait_for_result(last, timeout=15)).success
+        later = await app.submit(fleet.echo, "later", countdown=60)
+    async with aiohttp.ClientSession() as session:
+        status, task = await get_json(session, f"{stack.url}/api/task/{quote(last, safe='')}")
+        assert status == 200 and task["status"] == "success"
+        links = task["workflow"]
+        assert links["kind"] == "chain" and links["step"] == 1 and links["children"] == []
+        (first,) = links["parents"]
+        status, head = await get_json(session, f"{stack.url}/api/task/{quote(first, safe='')}")
+        assert head["workflow"]["parents"] == [] and head["workflow"]["children"] == [last]
+        assert head["workflow"]["workflow"] == links["workflow"]
+
+        status, scheduled = await get_json(session, f"{stack.url}/api/task/{later}")
+        assert scheduled["status"] == "scheduled" and scheduled["eta"] > time.time() + 30
+        assert scheduled["workflow"] is None
+        async with remote_twin(fleet.app, stack.broker) as app:
+            assert await app.cancel(later)
+        status, cancelled = await get_json(session, f"{stack.url}/api/task/{later}")
+        assert cancelled["status"] == "cancelled" and cancelled["eta"] is None
 
 
 async def test_user_data_never_reaches_html(stack: Stack) -> None:
@@ -287,6 +391,84 @@ async def test_page_in_chromium(stack: Stack, tmp_path: Path) -> None:
         assert (tmp_path / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert browser.errors == [], browser.errors
         assert await browser.evaluate("typeof window.__xss") == "undefined"
+
+
+async def test_schedules_workflows_and_statuses_in_chromium(stack: Stack, tmp_path: Path) -> None:
+    """The schedules panel follows the broker live; the lookup shows a task's workflow, with
+    links to its parents and children, and the new statuses."""
+    need_chromium()
+    async with remote_twin(fleet.app, stack.broker) as app:
+        last = await app.chain(call(fleet.echo, "one"), call(fleet.echo, "two"))
+        assert (await app.wait_for_result(last, timeout=15)).success
+        later = await app.submit(fleet.echo, "later", countdown=60)
+    async with (
+        hourly_schedule(stack, XSS) as schedule_id,
+        await Chromium.launch(tmp_path / "profile") as browser,
+    ):
+        await browser.navigate(stack.url + "/")
+        row = f'#schedule-rows [data-schedule-id="{schedule_id}"]'
+        await browser.wait_for(
+            f"document.querySelector({json.dumps(row)}) !== null", what="the schedule row"
+        )
+        assert await browser.text(f"{row} .schedule-task") == "tests.apps.fleet.echo"
+        assert await browser.text(f"{row} .schedule-when") == "every 1 h 0 min UTC"
+        assert await browser.text(f"{row} .schedule-enabled") == "yes"
+        assert (await browser.text(f"{row} .schedule-next")) not in ("", "\u2013")
+        assert await browser.text(f"{row} .schedule-last") == "\u2013"
+        assert await browser.text("#schedule-count") == "1 schedule"  # the others are removed
+
+        # Disabled through the broker: the page follows without a reload.
+        async with remote_twin(fleet.app, stack.broker) as app:
+            assert await app.create_scheduler().disable_task(schedule_id)
+        await browser.wait_for(
+            f"document.querySelector({json.dumps(row + ' .schedule-enabled')}).innerText === 'no'",
+            what="the schedule shown disabled",
+        )
+        assert await browser.text(f"{row} .schedule-next") == "\u2013"
+
+        # A chain's last link: its workflow and its parent, which one click looks up.
+        await browser.evaluate(
+            f"document.getElementById('lookup-id').value = {json.dumps(last)};"
+            "document.getElementById('lookup-form').requestSubmit()"
+        )
+        await browser.wait_for("document.getElementById('lookup-workflow') !== null")
+        assert "(chain, step 2)" in await browser.text("#lookup-workflow")
+        assert await browser.text("#lookup-children") == "none (last step)"
+        parent = await browser.text("#lookup-parents button")
+        await browser.evaluate("document.querySelector('#lookup-parents button').click()")
+        await browser.wait_for(
+            f"(document.querySelector('#lookup-children button') || {{}}).innerText"
+            f" === {json.dumps(last)}",
+            what="the parent looked up",
+        )
+        assert await browser.text("#lookup-parents") == "none (first step)"
+        assert (await browser.evaluate("document.getElementById('lookup-id').value")) == parent
+
+        # A scheduled task, then cancelled: both statuses shown with their own style.
+        async def look_up(task_id: str, status: str) -> None:
+            await browser.evaluate(
+                f"document.getElementById('lookup-id').value = {json.dumps(task_id)};"
+                "document.getElementById('lookup-form').requestSubmit()"
+            )
+            await browser.wait_for(
+                f"(document.getElementById('lookup-status') || {{}}).innerText === {status!r}",
+                what=f"the task shown {status}",
+            )
+            css = await browser.evaluate(
+                "getComputedStyle(document.getElementById('lookup-status')).fontWeight"
+            )
+            assert css == "600", css
+
+        await look_up(later, "scheduled")
+        assert (await browser.text("#lookup-eta")) not in ("", "\u2013")
+        async with remote_twin(fleet.app, stack.broker) as app:
+            assert await app.cancel(later)
+        await look_up(later, "cancelled")
+
+        await browser.screenshot(tmp_path / "schedules.png")
+        assert browser.errors == [], browser.errors
+        assert await browser.evaluate("typeof window.__xss") == "undefined"
+        assert await browser.evaluate("document.querySelectorAll('#schedule-rows img').length") == 0
 
 
 async def test_broker_unavailable_then_back(launcher: Launcher, tmp_path: Path) -> None:

@@ -73,3 +73,60 @@ def test_status_event_is_one_sse_message() -> None:
     assert event.startswith(b"event: status\ndata: ") and event.endswith(b"\n\n")
     assert event.count(b"\n") == 3  # newlines inside values stay escaped in the JSON
     assert json.loads(event.split(b"data: ", 1)[1]) == snapshot
+
+
+def test_task_view_shows_the_due_time_and_workflow_links() -> None:
+    links = {"workflow": "wf-1", "kind": "chain", "step": 1, "parents": ["a"], "children": []}
+    view = dashboard.task_view(record(status="waiting", workflow=links, eta=None, result=None))
+    assert view["status"] == "waiting" and view["workflow"] == links and view["eta"] is None
+    view = dashboard.task_view(record(status="scheduled", eta=1234.5, result=None))
+    assert view["eta"] == 1234.5 and view["workflow"] is None
+    json.dumps(view, allow_nan=False)
+
+
+def schedule(**fields: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "id": "sched-1",
+        "task_name": "app.add",
+        "schedule_type": "interval",
+        "schedule": 60.0,
+        "tz": "UTC",
+        "start": 1000.0,
+        "payload": pack_args([1, 2], {"k": "v"}),
+        "enabled": True,
+        "description": "every minute",
+        "max_retries": 3,
+        "retry_delay": 1.0,
+        "priority": 0,
+        "timeout": None,
+        "catch_up": "once",
+        "expires": None,
+        "next_run_at": 1060.0,
+        "last_run_at": 1000.0,
+        "last_task_id": "sched-1@1000000",
+    }
+    base.update(fields)
+    return base
+
+
+def test_schedule_view_keeps_what_the_page_shows() -> None:
+    view = dashboard.schedule_view(schedule())
+    assert view == {
+        "id": "sched-1",
+        "task_name": "app.add",
+        "schedule_type": "interval",
+        "schedule": 60.0,
+        "tz": "UTC",
+        "enabled": True,
+        "description": "every minute",
+        "priority": 0,
+        "catch_up": "once",
+        "next_run_at": 1060.0,
+        "last_run_at": 1000.0,
+        "last_task_id": "sched-1@1000000",
+    }
+    json.dumps(view, allow_nan=False)  # no raw payload bytes
+    full = dashboard.schedule_view(schedule(), with_args=True)
+    assert full["args"] == [1, 2] and full["kwargs"] == {"k": "v"} and full["args_note"] is None
+    broken = dashboard.schedule_view(schedule(payload=b"\xc1"), with_args=True)
+    assert broken["args"] is None and "undecodable arguments" in broken["args_note"]
