@@ -940,6 +940,8 @@ class Broker:
         now_ms = int(now * 1000)
         for due_ms, task_id in self.timers.pop_due(now_ms):
             self.repo.clear_timer(due_ms, task_id)
+            if task_id in self.leases:
+                continue  # running: it started in time (its stored record says pending)
             record = self.repo.get(task_id)
             if record is None or record.status not in _WAITING:
                 continue  # a timer of a task that moved on (started, finished, cancelled)

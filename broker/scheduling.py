@@ -177,7 +177,10 @@ class Schedules:
             if schedule["enabled"] and not was_enabled:
                 schedule["next_run_at"] = timetable(schedule).slot_after(now)
         else:
-            schedule["next_run_at"] = timetable(schedule).slot_after(now)
+            table = timetable(schedule)
+            # A new one-off schedule whose time has passed runs at once, not never.
+            once = table.kind is ScheduleType.ONCE
+            schedule["next_run_at"] = float(table.spec) if once else table.slot_after(now)
             schedule["last_run_at"] = schedule["last_task_id"] = None
         self._store(schedule)
         return schedule

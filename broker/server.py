@@ -53,6 +53,7 @@ class BrokerService:
         self._failing_since: float | None = None
         self._failed_commits = 0
         self._next_failure_log = 0.0
+        self._processing = False  # inside process_now
 
     def stop(self) -> None:
         self._stopping = True
@@ -76,6 +77,7 @@ class BrokerService:
                     messages, topics = endpoint.drain(DRAIN_LIMIT)
                 now = time.time()
                 handle = broker.handle
+                self._processing = True  # what a send of this tick brings waits for the next
                 for index, (peer, frames) in enumerate(messages):
                     if broker.tick_is_full:
                         deferred.extend(messages[index:])
@@ -94,6 +96,7 @@ class BrokerService:
                     await self._commit()
                 if broker.outbox:
                     self._flush(now)
+                self._processing = False
                 if messages or topics:
                     await asyncio.sleep(0)  # let the other coroutines of this loop run
                 else:
@@ -106,15 +109,66 @@ class BrokerService:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
 
-    async def _commit(self) -> None:
+    def process_now(self) -> None:
+        """Handle what arrived, a tick, commit and send, all on the caller's stack.
+
+        The embedded default runs this whenever a client or node of the same process sends
+        (see :class:`flowrra.transport.InprocHub`): the same broker logic, without a trip
+        around the event loop per hop. Only with a store whose commit does not wait for the
+        disk (in memory, or ``fast``); a full-durability commit runs off the loop instead.
+        Sends made while it runs are handled by the same call, in order.
+        """
+        if self._processing or self._stopping:
+            self.wakeup.set()  # whoever is processing (or the loop) picks it up
+            return
+        self._processing = True
+        broker, endpoint = self.broker, self.endpoint
         try:
-            if self._writer is None:
-                self.store.commit()
-            else:
-                await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit)
+            while True:
+                messages, topics = endpoint.drain(DRAIN_LIMIT)
+                if not messages and not topics:
+                    return
+                now = time.time()
+                for peer, frames in messages:
+                    broker.handle(peer, frames, now)
+                for topic in topics:
+                    broker.handle_subscription(topic)
+                broker.tick(now)
+                if self.store.dirty:
+                    if self._failing_since is None:
+                        self._send_dispatches(now)
+                    self._commit_now()
+                if broker.outbox:
+                    self._flush(now)
+                self.wakeup.set()  # the loop re-reads the next timer's due time
+        finally:
+            self._processing = False
+
+    @property
+    def commits_inline(self) -> bool:
+        """True when a commit does not wait for the disk (it may run on the caller's stack)."""
+        return self._writer is None
+
+    async def _commit(self) -> None:
+        if self._writer is None:
+            self._commit_now()
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit)
         except (StoreError, OSError) as exc:
             self._commit_failed(exc)
             return
+        self._committed()
+
+    def _commit_now(self) -> None:
+        try:
+            self.store.commit()
+        except (StoreError, OSError) as exc:
+            self._commit_failed(exc)
+            return
+        self._committed()
+
+    def _committed(self) -> None:
         self.broker.committed()
         if self._failing_since is not None:
             log.warning(

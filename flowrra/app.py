@@ -185,6 +185,8 @@ class Flowrra:
         self._service = service
         self._background.append(asyncio.create_task(service.run(), name="flowrra-broker"))
         await self._until(service.ready)
+        if service.commits_inline:
+            hub.process_now = service.process_now  # no event-loop hop per in-process message
         node = Node(self.tasks, hub, concurrency=self.concurrency, processes=self.processes)
         self._node = node
         self._background.append(asyncio.create_task(node.run(), name="flowrra-node"))

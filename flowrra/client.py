@@ -42,6 +42,10 @@ RESEND_INTERVAL_S = 1.0
 # a task still running is asked about again after twice the interval, up to the maximum.
 QUIET_REQUERY_S = 1.0
 QUIET_REQUERY_MAX_S = 16.0
+# Waiters due this soon are asked about too: one query (and one look at every waiter) for
+# all that fall due about the same time.
+_QUIET_SLACK_S = 0.1
+_NEVER = float("inf")
 # Final results kept for tasks nobody is waiting on yet (submit now, wait later).
 RESULT_CACHE_SIZE = 50_000
 # Submissions per SUBMIT message: large enough to batch, small enough to stay far below the
@@ -108,8 +112,10 @@ class BrokerClient:
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._watchers: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
         # Awaited task ids: when to ask the broker about each if nothing arrives, and the
-        # interval after that (QUIET_REQUERY_S); and the query asking, while unanswered.
+        # interval after that (QUIET_REQUERY_S), the earliest of those times, and the query
+        # asking, while unanswered.
         self._quiet: dict[str, tuple[float, float]] = {}
+        self._next_quiet = _NEVER
         self._requery: asyncio.Future[Any] | None = None
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._unresolved: dict[str, int] = {}
@@ -123,6 +129,7 @@ class BrokerClient:
         """Handshake with the broker and make the result subscription live."""
         loop = asyncio.get_running_loop()
         self._link = self._connector.link(self._wakeup)
+        self._link.push_to(self._on_reply)  # in-process: replies handled as they are sent
         self._welcome = loop.create_future()
         self._reader = loop.create_task(self._read_loop(), name="flowrra-client-reader")
         self._link.send(protocol.encode(Command.HELLO, {"role": "client", "id": self.client_id}))
@@ -131,6 +138,7 @@ class BrokerClient:
             self._subscriber = self._connector.subscriber(
                 self.welcome.publish_endpoint, self._wakeup
             )
+            self._subscriber.push_to(self._on_publication)
             self._subscriber.subscribe(self._prefix)
             try:
                 await asyncio.wait_for(self._live.wait(), self.connect_timeout_s)
@@ -269,9 +277,11 @@ class BrokerClient:
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._waiters.setdefault(task_id, []).append(future)
         if task_id not in self._quiet:
-            if not self._quiet:
-                self._wakeup.set()  # the reader may be asleep with no deadline: give it one
-            self._quiet[task_id] = (loop.time() + QUIET_REQUERY_S, QUIET_REQUERY_S)
+            due = loop.time() + QUIET_REQUERY_S
+            self._quiet[task_id] = (due, QUIET_REQUERY_S)
+            if due < self._next_quiet:
+                self._next_quiet = due
+                self._wakeup.set()  # the reader may be asleep until later: wake it sooner
         own = task_id.startswith(self.client_id)
         topic = task_id.encode()
         if not own and self._subscriber is not None:
@@ -372,26 +382,35 @@ class BrokerClient:
             now = loop.time()
             if now >= next_resend:
                 self._resend(now)
-                self._requery_quiet(now)
                 next_resend = now + RESEND_INTERVAL_S
+            if now >= self._next_quiet:
+                self._requery_quiet(now)
             if not replies and not publications:
-                pending = self._unacked or self._unanswered or self._quiet
-                await wakeup.wait(next_resend - now if pending else None)
+                pending = self._unacked or self._unanswered
+                deadline = min(next_resend if pending else _NEVER, self._next_quiet)
+                await wakeup.wait(None if deadline == _NEVER else deadline - now)
 
     def _requery_quiet(self, now: float) -> None:
         """Ask, in one query, about the awaited tasks nothing has arrived for in a while."""
         if self._requery is not None and not self._requery.done():
-            return  # the last one is still unanswered (and re-sent): no pile-up of queries
-        quiet = self._quiet
-        due = [task_id for task_id, (at, _) in quiet.items() if at <= now]
-        if not due:
+            # The last one is still unanswered (and re-sent): no pile-up of queries.
+            self._next_quiet = now + QUIET_REQUERY_S
             return
-        for task_id in due:
-            interval = min(quiet[task_id][1] * 2, QUIET_REQUERY_MAX_S)
-            quiet[task_id] = (now + interval, interval)
-        log.debug("nothing heard for %d awaited tasks; asking the broker", len(due))
-        self._requery = self._request_state(due)
-        self._requery.add_done_callback(_consume)
+        due = []
+        next_quiet = _NEVER
+        quiet = self._quiet
+        for task_id, (at, interval) in quiet.items():
+            if at <= now + _QUIET_SLACK_S:
+                interval = min(interval * 2, QUIET_REQUERY_MAX_S)
+                at = now + interval
+                quiet[task_id] = (at, interval)
+                due.append(task_id)
+            next_quiet = min(next_quiet, at)
+        self._next_quiet = next_quiet
+        if due:
+            log.debug("nothing heard for %d awaited tasks; asking the broker", len(due))
+            self._requery = self._request_state(due)
+            self._requery.add_done_callback(_consume)
 
     def _resend(self, now: float) -> None:
         """Send again what the broker has not answered for a resend interval."""

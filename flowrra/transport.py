@@ -58,48 +58,62 @@ def recv_frames(socket: zmq.Socket[bytes], flags: int = 0) -> Frames:
     return frames
 
 
-# What the broker holds for a peer that does not read (a DEALER that asks for a large result
-# again and again and never reads the replies must not exhaust its memory). Nodes bound what is in
-# flight to them with credit and clients read everything at once (their sockets have no
-# high-water mark), so a healthy peer never gets near these; they only bound the damage a
-# stalled or hostile peer can do.
+# What the broker holds for a peer that does not read. Nodes bound what is in flight to them
+# with credit and clients read everything at once (their sockets have no high-water mark), so
+# a healthy peer never gets near these; they bound what a stalled or hostile peer costs (a
+# DEALER asking for a large result again and again, never reading the replies, or a SUB that
+# never reads its publications).
 #
-# * ROUTER_SNDHWM: messages libzmq queues per peer before a send fails with EAGAIN; several
-#   ticks' worth of replies (the broker batches per peer and tick).
-# * LARGE_FRAME_BYTES: frames at least this big (pyzmq's zero-copy threshold) are handed to
-#   libzmq without a copy and tracked until libzmq lets go of them, so the bytes a peer's pipe
-#   holds are counted, not just its messages (at most PEER_IN_FLIGHT_BYTES).
-# * PEER_BACKLOG_*: what the endpoint keeps in order behind a full pipe. A peer whose backlog
-#   would pass either limit is dropped: the backlog is discarded and ``send`` says False, so
-#   the broker treats the peer as unreachable (a node's tasks are queued again; a client
-#   re-sends what went unanswered, and results are durable).
-# * PUB_SNDHWM / PUBLISH_IN_FLIGHT_BYTES: publications libzmq queues per subscriber (beyond
-#   that it drops them for that subscriber), and the large publications it may hold in all.
-#   Results are stored, and a client that missed its publication asks for it again.
+# * ROUTER_SNDHWM: messages libzmq queues per peer before a send fails with EAGAIN.
+# * LARGE_FRAME_BYTES: frames at least this big (pyzmq's zero-copy threshold) go to libzmq
+#   without a copy and are tracked until libzmq lets go of them, so the bytes of large frames
+#   a pipe holds are counted, not only its messages: at most ``peer_pipe_bytes`` per peer, and
+#   ``publish_byte_limit`` for the publications of all subscribers. Small messages cost at
+#   most ROUTER_SNDHWM (PUB_SNDHWM) x LARGE_FRAME_BYTES per peer (subscriber).
+# * Behind a full pipe, a peer's messages wait in order in a backlog of at most
+#   PEER_BACKLOG_MESSAGES messages and ``peer_backlog_bytes``. A message beyond that is
+#   refused (``send`` says False, and the broker treats the peer as unreachable: a node's
+#   tasks are queued again, a client asks again for what went unanswered), and so is every
+#   later one until the backlog has drained, so that no reply reaches a peer with a gap in it.
+# * A backlog that has not moved for PEER_STALL_S belongs to a peer that does not read: it is
+#   discarded, and the next message to that peer refused.
+# * PUB_SNDHWM: publications libzmq queues per subscriber; beyond it, it drops them for that
+#   subscriber. A large publication that would pass ``publish_byte_limit`` is not sent.
+#   Results are stored, and a waiting client that hears nothing asks for them.
 ROUTER_SNDHWM = 1_000
+PUB_SNDHWM = 10_000
 LARGE_FRAME_BYTES = zmq.COPY_THRESHOLD  # 64 KiB
 PEER_BACKLOG_MESSAGES = 10_000
-PUB_SNDHWM = 10_000
-# Byte limits scale with the message size limit so that a maximal message always fits.
-MIN_PEER_BYTES = 32 * 1024 * 1024
+PEER_STALL_S = 3.0  # the default liveness window (3 heartbeats of 1 s)
+MIN_PIPE_BYTES = 32 * 1024 * 1024
+MIN_BACKLOG_BYTES = 64 * 1024 * 1024
 MIN_PUBLISH_BYTES = 64 * 1024 * 1024
 
 
-def peer_byte_limit(max_message_bytes: int) -> int:
-    """PEER_BACKLOG_BYTES and PEER_IN_FLIGHT_BYTES: 2 x the largest message, 32 MiB at least."""
-    return max(MIN_PEER_BYTES, 2 * max_message_bytes)
+def peer_pipe_bytes(max_message_bytes: int) -> int:
+    """Bytes of large frames one peer's pipe may hold: twice the largest message, 32 MiB at
+    least."""
+    return max(MIN_PIPE_BYTES, 2 * max_message_bytes)
+
+
+def peer_backlog_bytes(max_message_bytes: int) -> int:
+    """Bytes one peer's backlog may hold: four times the largest message, 64 MiB at least.
+    With the pipe's share that is more than the largest reply the broker builds for one
+    request (a GET's reply: four pieces), so such a reply is never refused whole."""
+    return max(MIN_BACKLOG_BYTES, 4 * max_message_bytes)
 
 
 def publish_byte_limit(max_message_bytes: int) -> int:
-    """PUBLISH_IN_FLIGHT_BYTES: 4 x the largest message, 64 MiB at least."""
+    """Bytes of large publications libzmq may hold for all subscribers: four times the
+    largest message, 64 MiB at least."""
     return max(MIN_PUBLISH_BYTES, 4 * max_message_bytes)
 
 
 # A backlog is retried this soon (doubling, up to the maximum, while no peer makes progress).
 BACKLOG_RETRY_S = 0.005
 BACKLOG_RETRY_MAX_S = 0.5
-# Peers remembered as dropped, so that each is warned about once.
-DROPPED_PEERS_REMEMBERED = 1024
+# Peers remembered as warned about, so that each is warned about once.
+WARNED_PEERS_REMEMBERED = 1024
 
 
 class Wakeup:
@@ -151,6 +165,11 @@ class Link(Protocol):
         """Close; with ``linger_ms``, pending messages get that long to leave."""
         ...
 
+    def push_to(self, handler: Callable[[Frames], None]) -> bool:
+        """Hand arriving messages to ``handler`` at once instead of queueing them for
+        :meth:`drain` (in-process only: True if this link can)."""
+        ...
+
 
 class Subscriber(Protocol):
     """A client's subscription to the broker's result publications."""
@@ -159,6 +178,10 @@ class Subscriber(Protocol):
     def unsubscribe(self, topic: bytes) -> None: ...
     def drain(self, limit: int) -> list[Frames]: ...
     def close(self) -> None: ...
+
+    def push_to(self, handler: Callable[[Frames], None]) -> bool:
+        """Like :meth:`Link.push_to`, for publications."""
+        ...
 
 
 class BrokerEndpoint(Protocol):
@@ -274,6 +297,9 @@ class _ClientSocket(_Watched):
         keys: ClientKeys | None = None,
     ) -> None:
         super().__init__(_connected_socket(context, self.KIND, url, keys), wakeup)
+
+    def push_to(self, handler: Callable[[Frames], None]) -> bool:
+        return False  # messages arrive on a socket: read them with drain()
 
 
 class ZmqLink(_ClientSocket):
@@ -392,12 +418,14 @@ class _Peer:
     """What the endpoint keeps for one peer: messages its full pipe refused, in order, and
     the large frames its pipe holds."""
 
-    __slots__ = ("backlog", "backlog_bytes", "in_flight")
+    __slots__ = ("backlog", "backlog_bytes", "in_flight", "moved_at", "refusing")
 
     def __init__(self) -> None:
         self.backlog: deque[tuple[Frames, int]] = deque()
         self.backlog_bytes = 0
         self.in_flight = _InFlight()
+        self.moved_at = 0.0  # when the backlog began or last moved
+        self.refusing = False  # refuse messages until the backlog has drained
 
 
 # _try_send outcomes.
@@ -408,9 +436,8 @@ class ZmqBrokerEndpoint:
     """The broker's ROUTER (requests from clients and nodes) and XPUB (results) sockets.
 
     A peer that stops reading costs at most its pipe (``ROUTER_SNDHWM`` messages, of which
-    ``peer_bytes`` in large frames) and a backlog of ``PEER_BACKLOG_MESSAGES`` messages or
-    ``peer_bytes``; beyond that it is dropped (see ``ROUTER_SNDHWM``). ``counters`` counts the
-    drops.
+    ``pipe_bytes`` in large frames) and its backlog (``PEER_BACKLOG_MESSAGES`` messages,
+    ``backlog_bytes``); see ``ROUTER_SNDHWM``. ``counters`` counts what was refused or dropped.
     """
 
     peers_can_vanish = True
@@ -461,7 +488,8 @@ class ZmqBrokerEndpoint:
         self._router = _Watched(router, wakeup)
         self._publisher = _Watched(publisher, wakeup)
         self._loop = asyncio.get_running_loop()
-        self.peer_bytes = peer_byte_limit(max_message_bytes)
+        self.pipe_bytes = peer_pipe_bytes(max_message_bytes)
+        self.backlog_bytes = peer_backlog_bytes(max_message_bytes)
         self.publish_bytes = publish_byte_limit(max_message_bytes)
         # Peers with a backlog or with large frames in their pipe, and those with a backlog:
         # messages a full pipe refused, retried in order on later ticks.
@@ -472,8 +500,13 @@ class ZmqBrokerEndpoint:
         self._next_sweep = 0.0
         self._published = _InFlight()
         self._skipping_publications = False
-        self._dropped: OrderedDict[bytes, None] = OrderedDict()
-        self.counters = {"peers_dropped": 0, "messages_dropped": 0, "publications_dropped": 0}
+        self._warned: OrderedDict[tuple[bytes, str], None] = OrderedDict()
+        self.counters = {
+            "messages_refused": 0,  # beyond a backlog's limits
+            "peers_dropped": 0,  # backlogs that did not move for PEER_STALL_S
+            "messages_dropped": 0,  # the messages of those backlogs
+            "publications_dropped": 0,  # large publications beyond publish_byte_limit
+        }
 
     def drain(self, limit: int) -> tuple[list[tuple[bytes, Frames]], list[bytes]]:
         if self._backlogged:
@@ -525,7 +558,7 @@ class ZmqBrokerEndpoint:
 
     def send(self, peer: bytes, frames: Frames) -> bool:
         state = self._peers.get(peer)
-        if state is not None and state.backlog:
+        if state is not None and (state.backlog or state.refusing):
             return self._hold(peer, state, frames)  # behind what is already waiting
         outcome = self._try_send(peer, state, frames)
         if outcome == _SENT:
@@ -549,7 +582,7 @@ class ZmqBrokerEndpoint:
             if state is None:
                 state = self._peer(peer)
             state.in_flight.reap()
-            if not state.in_flight.room_for(large, self.peer_bytes):
+            if not state.in_flight.room_for(large, self.pipe_bytes):
                 return _FULL  # its pipe holds enough already: as good as full
         socket = self._router.socket
         try:
@@ -569,14 +602,37 @@ class ZmqBrokerEndpoint:
         return _SENT
 
     def _hold(self, peer: bytes, state: _Peer, frames: Frames) -> bool:
-        """Keep a message the peer's pipe refused; drop the peer if that is too much."""
-        size = sum(map(len, frames))
+        """Keep a message the peer's pipe refused, in order; False when it is refused."""
         backlog = state.backlog
-        if len(backlog) >= PEER_BACKLOG_MESSAGES or state.backlog_bytes + size > self.peer_bytes:
+        if state.refusing:
+            if not backlog:  # its backlog was dropped: this refusal tells the broker
+                state.refusing = False
+            self.counters["messages_refused"] += 1
+            return False
+        now = self._loop.time()
+        if backlog and now - state.moved_at > PEER_STALL_S:
             self._drop(peer, state)
+            state.refusing = False  # refused right here
+            self.counters["messages_refused"] += 1
+            return False
+        size = sum(map(len, frames))
+        if backlog and (
+            len(backlog) >= PEER_BACKLOG_MESSAGES or state.backlog_bytes + size > self.backlog_bytes
+        ):
+            state.refusing = True
+            self.counters["messages_refused"] += 1
+            self._warn_once(
+                peer,
+                "refusing",
+                "peer %s does not read fast enough: refusing what does not fit in its "
+                "backlog (%d messages, %d bytes) until it catches up",
+                len(backlog),
+                state.backlog_bytes,
+            )
             return False
         if not backlog:
             log.debug("peer %s is not reading fast enough; holding its messages", peer.hex())
+            state.moved_at = now
             self._backlogged[peer] = state
             self._schedule_retry(BACKLOG_RETRY_S)
         backlog.append((frames, size))
@@ -584,41 +640,49 @@ class ZmqBrokerEndpoint:
         return True
 
     def _drop(self, peer: bytes, state: _Peer) -> None:
-        """Discard a peer's backlog (and the message that did not fit)."""
-        count, size = len(state.backlog) + 1, state.backlog_bytes
+        """Discard a backlog that has not moved for PEER_STALL_S; the peer does not read."""
+        count, size = len(state.backlog), state.backlog_bytes
         self.counters["peers_dropped"] += 1
         self.counters["messages_dropped"] += count
         state.backlog.clear()
         state.backlog_bytes = 0
+        state.refusing = True  # until the next message, refused to tell the broker
         self._backlogged.pop(peer, None)
-        if not state.in_flight.trackers:
-            self._peers.pop(peer, None)
-        dropped = self._dropped
-        if peer in dropped:
-            dropped.move_to_end(peer)
-            log.debug("peer %s still does not read: dropped %d messages again", peer.hex(), count)
-            return
-        dropped[peer] = None
-        if len(dropped) > DROPPED_PEERS_REMEMBERED:
-            dropped.popitem(last=False)
-        log.warning(
-            "peer %s does not read what the broker sends: dropped the %d messages "
-            "(%d bytes) held for it and treat it as unreachable",
-            peer.hex(),
+        self._warn_once(
+            peer,
+            "dropped",
+            "peer %s does not read what the broker sends: dropped the %d messages (%d bytes) "
+            "held for it for %.0fs",
             count,
             size,
+            PEER_STALL_S,
         )
+
+    def _warn_once(self, peer: bytes, what: str, message: str, *args: object) -> None:
+        warned, key = self._warned, (peer, what)
+        if key in warned:
+            warned.move_to_end(key)
+            log.debug(message, peer.hex(), *args)
+            return
+        warned[key] = None
+        if len(warned) > WARNED_PEERS_REMEMBERED:
+            warned.popitem(last=False)
+        log.warning(message, peer.hex(), *args)
 
     def _retry_backlog(self) -> None:
         progress = False
+        now = self._loop.time()
         for peer, state in list(self._backlogged.items()):
             backlog = state.backlog
             while backlog:
                 frames, size = backlog[0]
                 outcome = self._try_send(peer, state, frames)
                 if outcome == _FULL:
+                    if now - state.moved_at > PEER_STALL_S:
+                        self._drop(peer, state)
                     break  # refused again: keep the rest in order behind it
                 progress = True
+                state.moved_at = now
                 if outcome == _GONE:
                     self._forget(peer)
                     break
@@ -626,6 +690,7 @@ class ZmqBrokerEndpoint:
                 state.backlog_bytes -= size
             else:
                 del self._backlogged[peer]
+                state.refusing = False  # it caught up
                 if not state.in_flight.trackers:
                     self._peers.pop(peer, None)
         if self._backlogged:
@@ -711,6 +776,9 @@ class InprocHub:
 
     def __init__(self, broker_wakeup: Wakeup) -> None:
         self._wakeup = broker_wakeup
+        # Set by a broker that handles messages on the sender's own call stack: no loop
+        # round trip between a client, the broker and a node of one process.
+        self.process_now: Callable[[], None] | None = None
         self._inbox: deque[tuple[bytes, Frames]] = deque()
         self._new_topics: list[bytes] = []
         self._links: dict[bytes, _InprocLink] = {}
@@ -733,16 +801,22 @@ class InprocHub:
         link = self._links.get(peer)
         if link is None:
             return False
-        link.inbox.append(frames)
-        link.wakeup.set()
+        if link.push is not None:
+            link.push(frames)
+        else:
+            link.inbox.append(frames)
+            link.wakeup.set()
         return True
 
     def publish(self, frames: Frames) -> None:
         topic = frames[0]
         for subscriber in self._subscribers:
             if subscriber.matches(topic):
-                subscriber.inbox.append(frames)
-                subscriber.wakeup.set()
+                if subscriber.push is not None:
+                    subscriber.push(frames)
+                else:
+                    subscriber.inbox.append(frames)
+                    subscriber.wakeup.set()
 
     def close(self) -> None:
         self._inbox.clear()
@@ -762,11 +836,17 @@ class InprocHub:
 
     def _deliver(self, identity: bytes, frames: Frames) -> None:
         self._inbox.append((identity, frames))
-        self._wakeup.set()
+        self._arrived()
 
     def _subscribed(self, topic: bytes) -> None:
         self._new_topics.append(topic)
-        self._wakeup.set()
+        self._arrived()
+
+    def _arrived(self) -> None:
+        if self.process_now is not None:
+            self.process_now()
+        else:
+            self._wakeup.set()
 
 
 class _InprocLink:
@@ -780,6 +860,7 @@ class _InprocLink:
         self.identity = identity
         self.wakeup = wakeup
         self.inbox: deque[Frames] = deque()
+        self.push: Callable[[Frames], None] | None = None
         self._deliver = deliver
         self._on_close = on_close
         self._closed = False
@@ -791,9 +872,14 @@ class _InprocLink:
     def drain(self, limit: int) -> list[Frames]:
         return _drain_deque(self.inbox, limit, self.wakeup)
 
+    def push_to(self, handler: Callable[[Frames], None]) -> bool:
+        self.push = handler
+        return True
+
     def close(self, linger_ms: int = 0) -> None:
         if not self._closed:
             self._closed = True
+            self.push = None
             self._on_close()
 
 
@@ -806,6 +892,7 @@ class _InprocSubscriber:
     ) -> None:
         self.wakeup = wakeup
         self.inbox: deque[Frames] = deque()
+        self.push: Callable[[Frames], None] | None = None
         self._topics: dict[bytes, int] = {}
         self._on_subscribe = on_subscribe
         self._on_close = on_close
@@ -830,9 +917,14 @@ class _InprocSubscriber:
     def drain(self, limit: int) -> list[Frames]:
         return _drain_deque(self.inbox, limit, self.wakeup)
 
+    def push_to(self, handler: Callable[[Frames], None]) -> bool:
+        self.push = handler
+        return True
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.push = None
             self._on_close(self)
 
 

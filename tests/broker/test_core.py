@@ -1179,3 +1179,13 @@ def test_cancel_of_a_running_task_tells_its_node_and_fences_its_result(h: Harnes
     assert record.status is TaskStatus.CANCELLED and record.retries == 0
     h.tick()
     assert ids(h.dispatched()[NODE_A]) == ["t2"]
+
+
+def test_a_deadline_passing_while_the_task_runs_changes_nothing(h: Harness) -> None:
+    h.ready(NODE_A, async_slots=2)
+    h.submit(submission("t1", deadline=T0 + 1.0), submission("t2", priority=5))
+    h.tick()
+    h.tick(T0 + 2.0)  # t1 started before its deadline: it must not expire now
+    assert h.record("t1").status is TaskStatus.RUNNING
+    h.result(NODE_A, "t1", 1, "done")
+    assert h.record("t1").status is TaskStatus.SUCCESS
