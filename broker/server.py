@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,7 @@ class BrokerService:
         self._failed_commits = 0
         self._next_failure_log = 0.0
         self._processing = False  # inside process_now
+        self._sleeping_until = math.inf  # when the loop, asleep, wakes by itself
 
     def stop(self) -> None:
         self._stopping = True
@@ -100,7 +102,11 @@ class BrokerService:
                 if messages or topics:
                     await asyncio.sleep(0)  # let the other coroutines of this loop run
                 else:
-                    await self.wakeup.wait(broker.seconds_until_due(time.time()))
+                    now = time.time()
+                    sleep_s = broker.seconds_until_due(now)
+                    self._sleeping_until = now + sleep_s
+                    await self.wakeup.wait(sleep_s)
+                    self._sleeping_until = math.inf
         finally:
             if self.store.dirty:
                 await self._commit()
@@ -140,7 +146,8 @@ class BrokerService:
                     self._commit_now()
                 if broker.outbox:
                     self._flush(now)
-                self.wakeup.set()  # the loop re-reads the next timer's due time
+                if now + broker.seconds_until_due(now) < self._sleeping_until:
+                    self.wakeup.set()  # something is due before the loop would wake
         finally:
             self._processing = False
 

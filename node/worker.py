@@ -86,6 +86,10 @@ class Node:
         self._stopping = False
         self._drain_until: float | None = None
         self._last_sent = 0.0
+        self._last_heard = 0.0
+        self._welcomed = False
+        self._interval_s = self.heartbeat_interval_s
+        self._expiry_s = self.heartbeat_interval_s * heartbeat_liveness
         self._max_message_bytes = protocol.MAX_MESSAGE_BYTES
         self._heartbeat: HeartbeatThread | None = None
 
@@ -170,53 +174,21 @@ class Node:
         """One connection to the broker, until it is lost or the node stops."""
         link = self.connector.link(self._wakeup)
         self._link = link
+        # In-process, the broker's messages are handled as it sends them (no loop hop).
+        link.push_to(self._on_pushed)
         link.send(self._ready_message())
-        self._last_sent = last_heard = time.monotonic()
-        welcomed = False
-        interval = self.heartbeat_interval_s
-        expiry = interval * self.heartbeat_liveness
+        self._last_sent = self._last_heard = time.monotonic()
+        self._welcomed = False
+        self._interval_s = self.heartbeat_interval_s
+        self._expiry_s = self._interval_s * self.heartbeat_liveness
         try:
             while not self._stopping:
                 messages = link.drain(DRAIN_LIMIT)
                 now = time.monotonic()
                 if messages:
-                    last_heard = now
+                    self._last_heard = now
                 for frames in messages:
-                    try:
-                        message = protocol.decode(frames)
-                        command = message.command
-                        if command is Command.TASKS:
-                            self._start(protocol.parse_tasks(message.body))
-                        elif command is Command.CANCEL:
-                            self._cancel(protocol.parse_cancel(message.body))
-                        elif command is Command.WELCOME:
-                            welcome = protocol.parse_welcome(message.body)
-                            # Heartbeat rates must agree on both sides: adopt the broker's.
-                            interval = welcome.heartbeat_interval_ms / 1000
-                            expiry = interval * welcome.heartbeat_liveness
-                            if self._heartbeat is not None:
-                                self._heartbeat.interval_s = interval
-                            self._max_message_bytes = welcome.max_message_bytes
-                            if not welcomed:
-                                log.info("registered with broker %s", welcome.broker_id[:8])
-                            welcomed = True
-                            self._reconnecting = False
-                            self._registrations += 1
-                            self.ready.set()
-                            if self._drain_until is not None:
-                                link.send(protocol.encode(Command.PAUSE))
-                            if self._registrations > 1:
-                                self._resend_recent()
-                            self._flush()  # outcomes that finished while we were away
-                        elif command is Command.RECONNECT:
-                            log.info("broker asked us to register again")
-                            link.send(self._ready_message())
-                            self._last_sent = now
-                        elif command is Command.ERROR:
-                            code, text = protocol.parse_error(message.body)
-                            log.error("broker error (%s): %s", code, text)
-                    except ProtocolError as exc:
-                        log.warning("dropped a malformed message from the broker: %s", exc)
+                    self._on_message(frames, link, now)
                 if self._drain_until is not None and (
                     not self._running or now >= self._drain_until
                 ):
@@ -224,7 +196,8 @@ class Node:
                         log.warning("grace period over: handing %d tasks back", len(self._running))
                     self._stopping = True
                     break
-                heard = self._broker_last_heard(last_heard)
+                heard = self._broker_last_heard(self._last_heard)
+                expiry, interval = self._expiry_s, self._interval_s
                 if now - heard > expiry:
                     # Once per outage at WARNING; the retries after it only at DEBUG.
                     level = logging.DEBUG if self._reconnecting else logging.WARNING
@@ -238,12 +211,12 @@ class Node:
                     log.log(level, "broker silent for %.1fs; reconnecting", now - heard)
                     self._reconnecting = True
                     return
-                if welcomed and now - self._last_sent >= interval:
+                if self._welcomed and now - self._last_sent >= interval:
                     link.send(protocol.encode(Command.HEARTBEAT))
                     self._last_sent = now
                 if not messages:
                     wait = expiry - (now - heard)
-                    if welcomed:  # heartbeats only once registered
+                    if self._welcomed:  # heartbeats only once registered
                         wait = min(wait, interval - (now - self._last_sent))
                     await self._wakeup.wait(max(wait, 0.001))
                 else:
@@ -256,6 +229,51 @@ class Node:
             else:
                 link.close()
             self._link = None
+
+    def _on_pushed(self, frames: list[bytes]) -> None:
+        link = self._link
+        if link is not None:
+            now = time.monotonic()
+            self._last_heard = now
+            self._on_message(frames, link, now)
+
+    def _on_message(self, frames: list[bytes], link: Link, now: float) -> None:
+        """One message from the broker."""
+        try:
+            message = protocol.decode(frames)
+            command = message.command
+            if command is Command.TASKS:
+                self._start(protocol.parse_tasks(message.body))
+            elif command is Command.CANCEL:
+                self._cancel(protocol.parse_cancel(message.body))
+            elif command is Command.WELCOME:
+                welcome = protocol.parse_welcome(message.body)
+                # Heartbeat rates must agree on both sides: adopt the broker's.
+                self._interval_s = welcome.heartbeat_interval_ms / 1000
+                self._expiry_s = self._interval_s * welcome.heartbeat_liveness
+                if self._heartbeat is not None:
+                    self._heartbeat.interval_s = self._interval_s
+                self._max_message_bytes = welcome.max_message_bytes
+                if not self._welcomed:
+                    log.info("registered with broker %s", welcome.broker_id[:8])
+                self._welcomed = True
+                self._reconnecting = False
+                self._registrations += 1
+                self.ready.set()
+                if self._drain_until is not None:
+                    link.send(protocol.encode(Command.PAUSE))
+                if self._registrations > 1:
+                    self._resend_recent()
+                self._flush()  # outcomes that finished while we were away
+            elif command is Command.RECONNECT:
+                log.info("broker asked us to register again")
+                link.send(self._ready_message())
+                self._last_sent = now
+            elif command is Command.ERROR:
+                code, text = protocol.parse_error(message.body)
+                log.error("broker error (%s): %s", code, text)
+        except ProtocolError as exc:
+            log.warning("dropped a malformed message from the broker: %s", exc)
 
     # ------------------------------------------------------------------ execution
 
