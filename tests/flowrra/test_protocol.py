@@ -91,6 +91,7 @@ def record(**overrides: Any) -> dict[str, Any]:
         "started_at": 2.0,
         "finished_at": 3.0,
         "eta": None,
+        "progress": None,
     }
     fields.update(overrides)
     return fields

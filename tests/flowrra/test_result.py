@@ -22,6 +22,7 @@ def record(**overrides: Any) -> dict[str, Any]:
         "started_at": 1_700_000_001.5,
         "finished_at": None,
         "eta": None,
+        "progress": None,
     }
     fields.update(overrides)
     assert set(fields) == set(RECORD_FIELDS)
