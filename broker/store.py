@@ -314,10 +314,6 @@ class LmdbStore(_WriteBuffer):
         self._env.set_mapsize(new_size)
         self._map_size = new_size
 
-    def sync(self) -> None:
-        """Flush to disk (useful in fast mode before a planned shutdown)."""
-        self._env.sync(True)
-
     def close(self) -> None:
         self._end_read()
         self._env.close()

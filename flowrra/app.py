@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
@@ -51,6 +52,11 @@ class Flowrra:
         curve_server_key: str | None = None,
         curve_secret_key: str | None = None,
     ) -> None:
+        _check_options(
+            broker, data_dir, durability, concurrency, processes, connect_timeout, request_timeout
+        )
+        if (curve_server_key is None) != (curve_secret_key is None):
+            raise ValueError("give both curve_server_key and curve_secret_key, or neither")
         self.broker_url = broker
         self.data_dir = data_dir
         self.durability = durability
@@ -482,3 +488,29 @@ class Flowrra:
         """The task's current state without waiting; None for an unknown id."""
         (record,) = await self._connected().get([task_id])
         return None if record is None else TaskResult.from_record(record)
+
+
+def _check_options(
+    broker: object,
+    data_dir: object,
+    durability: object,
+    concurrency: object,
+    processes: object,
+    connect_timeout: object,
+    request_timeout: object,
+) -> None:
+    """Bad options fail when the app is made, not at its first start."""
+    if broker is not None and (not isinstance(broker, str) or "://" not in broker):
+        raise ValueError(f"broker must be a URL such as 'tcp://host:5555', got {broker!r}")
+    if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
+        raise TypeError(f"data_dir must be a path or None, got {data_dir!r}")
+    if durability not in ("full", "fast"):
+        raise ValueError(f"durability must be 'full' or 'fast', got {durability!r}")
+    for name, value, least in (("concurrency", concurrency, 1), ("processes", processes, 0)):
+        if value is None and name == "processes":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    for name, value in (("connect_timeout", connect_timeout), ("request_timeout", request_timeout)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")

@@ -382,14 +382,17 @@ def test_many_retries_do_not_overflow_the_timer_key() -> None:
     h.submit(submission("t1", retry_delay_s=1.0, max_retries=1000))
     h.ready(NODE_A)
     h.tick()
+    retries_seen = 0
     for attempt in range(1, 70):
         h.failure(NODE_A, "t1", attempt)
         record = h.record("t1")
-        if record.status is not TaskStatus.RETRYING or record.retry_at is None:
-            break
+        assert record.status is TaskStatus.RETRYING and record.retry_at is not None
+        assert record.retries == attempt
+        retries_seen = attempt
         h.tick(max(h.now, record.retry_at))
         h.take()
     h.broker.store.commit()
+    assert retries_seen == 69  # past retry 65, whose plain backoff is 2**64 s
 
 
 def test_index_tables_follow_the_task_life(h: Harness) -> None:

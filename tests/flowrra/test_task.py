@@ -248,3 +248,22 @@ def test_two_functions_cannot_share_a_name() -> None:
     app.task(name="same")(plain)  # the same function again is fine
     with pytest.raises(ValueError, match="same"):
         app.task(name="same")(Holder.method)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"broker": "localhost:5555"},
+        {"durability": "sometimes"},
+        {"concurrency": 0},
+        {"processes": -1},
+        {"connect_timeout": 0},
+        {"request_timeout": "soon"},
+        {"curve_server_key": "server.key"},
+    ],
+)
+def test_bad_app_options_fail_at_construction(options: dict[str, Any]) -> None:
+    from flowrra import Flowrra
+
+    with pytest.raises(ValueError):
+        Flowrra(**options)
