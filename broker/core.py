@@ -609,10 +609,14 @@ class Broker:
                     self._requeue_lost(task_id, now, count_loss=False)
         node = self.nodes.add(peer, ready, now_ms)
         self.limits.update(ready.limits)
+        superseded: list[list[Any]] = []
         for task_id, attempt in adopted.items():
             lease = self.leases.get(task_id)
             if lease is None or lease.attempt != attempt:
-                continue  # the broker moved on; the node's late result will be fenced out
+                # The broker moved on (cancelled, finished, or running it elsewhere): stop it
+                # there; a late result would be fenced out anyway.
+                superseded.append([task_id, attempt])
+                continue
             if lease.node == _ORPHAN:
                 self._attach(lease, node, now)
             elif previous is not None and lease.node == previous.peer:
@@ -622,6 +626,8 @@ class Broker:
                 node.leases.add(task_id)
                 node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
         self.outbox.send(peer, Command.WELCOME, self.welcome)
+        if superseded:
+            self.outbox.send(peer, Command.CANCEL, superseded)
         log.info(
             "node %s joined from %s (pid %d): %d async and %d cpu slots, %d task names",
             ready.node_id,

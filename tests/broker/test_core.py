@@ -1192,3 +1192,24 @@ def test_a_deadline_passing_while_the_task_runs_changes_nothing(h: Harness) -> N
     assert h.record("t1").status is TaskStatus.RUNNING
     h.result(NODE_A, "t1", 1, "done")
     assert h.record("t1").status is TaskStatus.SUCCESS
+
+
+def test_a_task_cancelled_while_its_node_was_away_is_stopped_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store"
+    h = Harness(LmdbStore(path))
+    h.submit(submission("t1"))
+    h.ready(NODE_A)
+    h.tick()
+    h.broker.store.commit()
+    h.broker.store.close()
+    h2 = Harness(LmdbStore(path))
+    h2.broker.recover(h2.now)
+    assert h2.broker.cancel("t1", h2.now) is True  # an orphan: nobody to tell yet
+    h2.take()
+    h2.ready(NODE_A, running=[("t1", 1)])  # the node comes back still running it
+    cancels = [m.body for _, m in h2.replies(Command.CANCEL)]
+    assert cancels == [[["t1", 1]]]
+    assert h2.record("t1").status is TaskStatus.CANCELLED
+    h2.broker.store.close()
