@@ -209,7 +209,7 @@ async def test_a_subscriber_that_never_reads_does_not_hold_up_results(
     async with remote_twin(app, broker) as client:
         # The broker's working size for this load, with every publication read.
         with PeakRss(pid) as warm:
-            await batches(client, 1)
+            await batches(client, 2)
         assert client._client is not None
         # It subscribes to the client's own results (the prefix of the client's task ids) and
         # reads only the broker's confirmation of that subscription.
