@@ -601,13 +601,27 @@ class Broker:
         now_ms = now * 1000
         previous = self.nodes.get(peer) or self.nodes.by_node_id(ready.node_id)
         adopted = {task_id: attempt for task_id, attempt in ready.running}
+        # Attempts dispatched on this very connection after it sent this READY (a READY
+        # repeated, e.g. one per RECONNECT after a restart) are still on their way to it.
+        in_transit: list[Lease] = []
         if previous is not None:
             self.nodes.remove(previous.peer)
             for task_id in list(previous.leases):
                 lease = self.leases.get(task_id)
-                if lease is not None and adopted.get(task_id) != lease.attempt:
+                if lease is None or adopted.get(task_id) == lease.attempt:
+                    continue
+                if previous.peer == peer:
+                    in_transit.append(lease)
+                else:  # a new connection: what it does not list never reached the node
                     self._requeue_lost(task_id, now, count_loss=False)
         node = self.nodes.add(peer, ready, now_ms)
+        if previous is not None and previous.peer == peer:
+            node.unreported.update(previous.unreported)
+            for kind in previous.unreported.values():
+                node.free[kind] = max(0, node.free[kind] - 1)
+        for lease in in_transit:
+            node.leases.add(lease.task_id)
+            node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
         self.limits.update(ready.limits)
         superseded: list[list[Any]] = []
         for task_id, attempt in adopted.items():

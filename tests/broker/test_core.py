@@ -1213,3 +1213,28 @@ def test_a_task_cancelled_while_its_node_was_away_is_stopped_when_it_returns(
     assert cancels == [[["t1", 1]]]
     assert h2.record("t1").status is TaskStatus.CANCELLED
     h2.broker.store.close()
+
+
+def test_a_repeated_ready_does_not_take_back_what_was_just_dispatched(h: Harness) -> None:
+    h.ready(NODE_A, async_slots=2)
+    h.submit(submission("t1"))
+    h.tick()
+    assert ids(h.dispatched()[NODE_A]) == ["t1"]
+    h.ready(NODE_A, async_slots=2)  # sent before TASKS arrived: it lists nothing yet
+    h.tick()
+    assert h.dispatched() == {}  # t1 is not queued again, nor dispatched as attempt 2
+    node = h.broker.nodes.get(NODE_A)
+    assert node is not None and node.leases == {"t1"} and node.free[SlotKind.ASYNC] == 1
+    h.result(NODE_A, "t1", 1, "ok")
+    assert h.record("t1").status is TaskStatus.SUCCESS
+
+
+def test_a_ready_on_a_new_connection_gives_back_what_it_does_not_hold(h: Harness) -> None:
+    h.ready(NODE_A, node_id="n1")
+    h.submit(submission("t1"))
+    h.tick()
+    h.dispatched()
+    h.ready(NODE_B, node_id="n1")  # the same node, reconnected: t1 never reached it
+    h.tick()
+    (again,) = h.dispatched()[NODE_B]
+    assert again.task_id == "t1" and again.attempt == 2

@@ -377,13 +377,6 @@ class ScriptedNode:
         self.context.term()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a READY that a node re-sends for a second RECONNECT after a broker restart "
-    "(built before the node read the TASKS answering its first READY) makes the broker "
-    "take back the attempt it just dispatched on that connection and dispatch the task "
-    "again: the real node then cancels the live attempt and runs the task a second time",
-)
 async def test_a_duplicate_ready_after_a_restart_does_not_run_a_task_again(
     launcher: Launcher, tmp_path: Path
 ) -> None:
