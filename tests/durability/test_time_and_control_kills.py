@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
 import zmq
 
 from flowrra import Flowrra, TaskResult, TaskStatus, protocol
