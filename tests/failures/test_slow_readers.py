@@ -218,7 +218,7 @@ async def test_a_subscriber_that_never_reads_does_not_hold_up_results(
         assert sub.poll(10_000), "the subscription was never confirmed"
         sub.recv_multipart()
         with PeakRss(pid) as stalled:
-            await batches(client, 6)  # without the limits, all 300 MB would stay queued
+            await batches(client, 5)  # without the limits, all 250 MB would stay queued
         served_s = await served(client, 20)
         log = broker.process.log()
     grown_mb = stalled.peak_mb - warm.peak_mb
