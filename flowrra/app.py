@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flowrra import protocol
+from flowrra.blocking import BlockingFlowrra
 from flowrra.client import BrokerClient
 from flowrra.errors import FlowrraError, SubmitRejected, TaskNotFoundError
 from flowrra.protocol import Submission, TaskStatus, pack_args
@@ -90,6 +91,13 @@ class Flowrra:
     def embedded(self) -> bool:
         """True when no broker URL was given: the broker and a node run in this process."""
         return self.broker_url is None
+
+    @property
+    def sync(self) -> BlockingFlowrra:
+        """The blocking, thread-safe facade of this app, for code that is not async:
+        ``app.sync.submit(...)``, ``app.sync.wait_for_result(...)`` and the other client
+        methods, by the same names (see :doc:`sync-api`)."""
+        return BlockingFlowrra.of(self)
 
     # ------------------------------------------------------------------ tasks
 
