@@ -56,6 +56,8 @@ TICK_REPLY_BYTES = 64 * 1024 * 1024
 EXPIRED = TaskStatus.EXPIRED
 # Statuses of tasks that wait for a timer or a slot: they may still expire.
 _WAITING = frozenset((TaskStatus.SCHEDULED, TaskStatus.PENDING, TaskStatus.RETRYING))
+# How long after a failed commit the outcomes it lost are applied again.
+REPLAY_INTERVAL_S = 0.5
 # Commands whose content does not depend on the store (kept when a commit fails).
 _STATELESS = frozenset(
     bytes([c]) for c in (Command.WELCOME, Command.HEARTBEAT, Command.RECONNECT, Command.ERROR)
@@ -176,6 +178,9 @@ class Broker:
         # those of a failed tick, applied again in the next one.
         self._uncommitted_outcomes: list[tuple[bytes, Outcome]] = []
         self._replay_outcomes: list[tuple[bytes, Outcome]] = []
+        # While commits fail, replays are tried this often, so that the ticks in between
+        # (reads, heartbeats) write nothing and their replies still go out.
+        self._replay_after = 0.0
         # Items handled and reply bytes built in the current tick (see TICK_ITEMS).
         self.tick_items = 0
         self.tick_reply_bytes = 0
@@ -285,7 +290,9 @@ class Broker:
 
     # ------------------------------------------------------------------ recovery
 
-    def recover(self, now: float) -> None:
+    def recover(
+        self, now: float, *, quiet: bool = False, held_before: dict[str, bytes] | None = None
+    ) -> None:
         """Rebuild queues, leases and timers from the store after a start or a crash.
 
         Attempts that were in flight become orphaned leases for two liveness windows: a node
@@ -293,6 +300,7 @@ class Broker:
         counts. Orphans nobody claims go back to their queue at their old position. Attempt
         numbers are durable, so a result from a superseded attempt is always fenced out.
         """
+        held_before = held_before or {}
         self.repo.check_format()
         # Only the small index tables are read: task records stay on disk until dispatched.
         self._next_order = max(self._next_order, self.repo.next_order())
@@ -303,14 +311,15 @@ class Broker:
             self._next_order = max(self._next_order, order)
             queued += 1
         for task_id, attempt, node_id in self.repo.leases():
-            lease = Lease(task_id, attempt, SlotKind.ASYNC, _ORPHAN)
+            lease = Lease(task_id, attempt, SlotKind.ASYNC, _ORPHAN, owner=node_id)
             self.leases[task_id] = lease
             recovered = self.repo.get(task_id)  # in flight: a few, bounded by the slots
             if recovered is not None:
                 lease.name = recovered.name
                 self.limits.started(recovered.name, now)
             holder = self.nodes.by_node_id(node_id)
-            if holder is not None:  # still connected (recovering from a failed commit)
+            # Still connected (recovering from a failed commit): it gets back what it held.
+            if holder is not None and held_before.get(task_id) == holder.peer:
                 self._attach(lease, holder, now)
             running += 1
         for due_ms, task_id in self.repo.timers():
@@ -321,7 +330,8 @@ class Broker:
             # Two liveness windows: time for every surviving node to notice and re-register.
             self._orphans_until = now + 2 * self.nodes.expiry_ms / 1000
         if queued or running or retrying or scheduled:
-            log.info(
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
                 "recovered %d queued, %d in flight and %d timed tasks, and %d schedules",
                 queued,
                 running,
@@ -336,6 +346,7 @@ class Broker:
         # A node sends an outcome once (again only after it registers again): keep the ones
         # this tick accepted and apply them again in the next tick.
         self._replay_outcomes.extend(self._uncommitted_outcomes)
+        self._replay_after = now + REPLAY_INTERVAL_S
         self._uncommitted_outcomes = []
         refused = self.outbox.acks
         # Replies that do not depend on what failed to commit still go out.
@@ -349,6 +360,9 @@ class Broker:
                 [task_id, None if self.repo.exists(task_id) else error, *rest]
                 for task_id, _, *rest in items
             ]
+        held_before = {t: lease.node for t, lease in self.leases.items() if lease.node != _ORPHAN}
+        for peer, outcome in self._replay_outcomes:  # ended in the lost tick, by their holder
+            held_before.setdefault(outcome.task_id, peer)
         self.queues = TaskQueues()
         self.leases = {}
         self.limits.reset_running()
@@ -356,10 +370,16 @@ class Broker:
         for node in self.nodes:
             node.leases.clear()
             node.free = dict(node.slots)
-        self.recover(now)  # committed leases go back to their connected nodes
+            for kind in node.unreported.values():  # taken back, but possibly still running
+                node.free[kind] = max(0, node.free[kind] - 1)
+        # Committed leases go back to the connections that held them, and only those.
+        self.recover(now, quiet=True, held_before=held_before)
 
     def _attach(self, lease: Lease, node: NodeState, now: float) -> bool:
-        """Give an orphaned lease to the node that holds the attempt."""
+        """Give an orphaned lease to the node that holds the attempt (the one it was
+        dispatched to, by the store)."""
+        if lease.owner and lease.owner != node.node_id:
+            return False
         record = self._leased_record(lease)
         if record is None:
             return False
@@ -632,7 +652,8 @@ class Broker:
                 superseded.append([task_id, attempt])
                 continue
             if lease.node == _ORPHAN:
-                self._attach(lease, node, now)
+                if not self._attach(lease, node, now):
+                    superseded.append([task_id, attempt])  # given to another node
             elif previous is not None and lease.node == previous.peer:
                 # It moves over from this node's previous connection. Another node's lease
                 # is never taken over: only its holder may complete an attempt.
@@ -1060,7 +1081,7 @@ class Broker:
     def tick(self, now: float) -> None:
         """Time-driven work, then dispatch; called once per loop iteration."""
         self.tick_items = self.tick_reply_bytes = 0
-        if self._replay_outcomes:  # accepted by a tick whose commit failed
+        if self._replay_outcomes and now >= self._replay_after:  # from a tick whose commit failed
             replay, self._replay_outcomes = self._replay_outcomes, []
             for peer, outcome in replay:
                 self.complete(peer, [outcome], now)
@@ -1092,6 +1113,8 @@ class Broker:
         next_slot = self.schedules.next_due()
         if next_slot is not None:
             wait = min(wait, next_slot - now)
+        if self._replay_outcomes:
+            wait = min(wait, self._replay_after - now)
         if self.limits and len(self.queues):
             waiting = [n for n in self.limits.names if self.queues.has_work((n,))]
             opening = self.limits.next_opening(now, waiting)

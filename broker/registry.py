@@ -27,6 +27,9 @@ class Lease:
     node: bytes  # routing id of the node holding it
     record: TaskRecord | None = None
     name: str = ""  # the task's name (for its fleet-wide limits)
+    # For an orphan recovered from the store: the node the attempt was given to. Only it may
+    # adopt the attempt (after a lost tick the same attempt number may have gone elsewhere).
+    owner: str = ""
 
 
 @dataclass(slots=True)
