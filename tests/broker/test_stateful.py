@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import struct
 from collections import Counter
 from typing import Any
@@ -585,6 +586,9 @@ BrokerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
     # Shrinking a failure to a short program takes minutes: one bug at a time is enough.
     report_multiple_bugs=False,
+    # The same programs on every plain run (CI stays predictable); a thorough run with
+    # FLOWRRA_TEST_EXAMPLES set explores new ones.
+    derandomize="FLOWRRA_TEST_EXAMPLES" not in os.environ,
 )
 # Longer than the suite's 60 s per test, so that a failure is shrunk and reported.
 TestBrokerMachine = pytest.mark.timeout(900)(BrokerMachine.TestCase)
