@@ -92,6 +92,7 @@ class BrokerClient:
         self.request_timeout_s = request_timeout_s
         self.client_id = os.urandom(protocol.CLIENT_PREFIX_CHARS // 2).hex()
         self._prefix = self.client_id.encode()
+        self._random_ids: list[str] = []  # unused random id suffixes (see new_task_id)
         self._request_ids = itertools.count(1)
         self._wakeup = Wakeup()
         self._link: Link | None = None
@@ -190,7 +191,11 @@ class BrokerClient:
     def new_task_id(self) -> str:
         """This session's prefix (public: it is the result topic) and 64 random bits, so
         that nobody who sees the prefix can guess an id and complete or claim the task."""
-        return self.client_id + os.urandom(8).hex()
+        if not self._random_ids:
+            # One getrandom() call per 512 ids instead of one per id (a fifth of a submit).
+            pool = os.urandom(8 * 512).hex()
+            self._random_ids = [pool[i : i + 16] for i in range(0, len(pool), 16)]
+        return self.client_id + self._random_ids.pop()
 
     @property
     def max_message_bytes(self) -> int:

@@ -108,6 +108,7 @@ def test_task_ids_are_not_guessable_from_the_public_prefix() -> None:
 
     client = BrokerClient.__new__(BrokerClient)
     client.client_id = "0123456789abcdef"
+    client._random_ids = []
     ids = [BrokerClient.new_task_id(client) for _ in range(1000)]
     assert all(i.startswith("0123456789abcdef") and len(i) == 32 for i in ids)
     suffixes = {int(i[16:], 16) for i in ids}
