@@ -13,6 +13,9 @@ What it measures (sizes are the defaults; ``--quick`` shrinks them):
   msgpack messages over tcp loopback, three processes, sync pyzmq + Poller: round trips/s with
   1,000 in flight (20,000 messages) and sequential round-trip p50/p99 (1,000);
 * pool: W3's work in a bare ``ProcessPoolExecutor(2)`` with ``pool.map``;
+* W1-seq (the headline: the guide's one-call-at-a-time pattern): one client,
+  ``ids = [await app.submit(add, i, i) for i in range(10_000)]``, then every result awaited
+  (asyncio.gather of ``wait_for_result``); tasks/s from first submit to last result;
 * W1: one client, 10,000 ``add(x, y)`` tasks, first submit to last result, as (i) asyncio.gather
   of ``app.submit`` and (ii) ``app.submit_many``;
 * W2: 1,000 sequential submit + wait_for_result round trips, p50/p99;
@@ -21,8 +24,9 @@ What it measures (sizes are the defaults; ``--quick`` shrinks them):
 
 for the embedded default (``Flowrra.from_urls()``, in-process), and for ``flowrra-broker`` +
 ``flowrra-node`` processes on loopback with ``--durability full`` and ``--durability fast``.
-``--upstream PYTHON`` also runs W1 (gather) and W2 on upstream flowrra 0.1.8's in-process
-executor under that interpreter.
+``--upstream PYTHON`` also runs W1-seq, W1 (gather) and W2 on upstream flowrra 0.1.8's
+in-process executor under that interpreter. The summary ends with the performance targets
+(issue 9's first), each as a ratio taken within this one run.
 
 Progress goes to stderr. Every process the bench starts is stopped on exit, error or Ctrl-C.
 """
@@ -59,12 +63,13 @@ NODE_CONCURRENCY = 1000
 HOST = "127.0.0.1"
 
 ALL_MODES = ("embedded", "full", "fast")
-ALL_WORKLOADS = ("w1", "w2", "w3", "w4")
+ALL_WORKLOADS = ("w1seq", "w1", "w2", "w3", "w4")
 
 FULL_SIZES = {
     "baseline_messages": 20_000,
     "baseline_window": 1_000,
     "baseline_sequential": 1_000,
+    "w1_seq_tasks": 10_000,
     "w1_tasks": 10_000,
     "w2_rounds": 1_000,
     "w3_tasks": 400,
@@ -76,6 +81,7 @@ QUICK_SIZES = {
     "baseline_messages": 2_000,
     "baseline_window": 1_000,
     "baseline_sequential": 100,
+    "w1_seq_tasks": 300,
     "w1_tasks": 300,
     "w2_rounds": 50,
     "w3_tasks": 8,
@@ -84,7 +90,7 @@ QUICK_SIZES = {
     "w4_tasks": 200,
 }
 WARMUP_TASKS = 200
-PROFILED_STEPS = ("w1_many", "w2")  # with --profile
+PROFILED_STEPS = ("w1_seq", "w1_many", "w2")  # with --profile
 WARMUP_ROUNDS = 20
 
 
@@ -605,6 +611,33 @@ def _check_sums(results: list[Any], expected: list[int]) -> None:
         raise StepError(f"{len(bad)} of {len(results)} results wrong, e.g. {bad[0]!r}")
 
 
+async def w1_seq(app: Any, tasks: int) -> dict[str, Any]:
+    """The guide's pattern: one ``await app.submit`` at a time, then all results."""
+    import bench_app
+
+    acks = []
+    started = time.perf_counter()
+    ids = []
+    for i in range(tasks):
+        t = time.perf_counter()
+        ids.append(await app.submit(bench_app.add, i, i))
+        acks.append(time.perf_counter() - t)
+    submitted = time.perf_counter()
+    results = await _wait_all(app, ids)
+    elapsed = time.perf_counter() - started
+    _check_sums(results, [2 * i for i in range(tasks)])
+    ack = latency_summary(acks)
+    return {
+        "tasks": tasks,
+        "seconds": elapsed,
+        "submit_seconds": submitted - started,
+        "tasks_per_s": tasks / elapsed,
+        "submits_per_s": tasks / (submitted - started),
+        "submit_p50_ms": ack["p50_ms"],
+        "submit_p99_ms": ack["p99_ms"],
+    }
+
+
 async def w1_gather(app: Any, tasks: int) -> dict[str, Any]:
     import bench_app
 
@@ -687,6 +720,9 @@ async def w3_cpu(app: Any, tasks: int, n: int) -> dict[str, Any]:
         # How busy the node's 2 worker processes were: time inside calls / (2 x elapsed).
         out["run_ms_p50"] = percentile(runs, 50) * 1000
         out["worker_utilization"] = sum(runs) / (2 * elapsed)
+        # Worker-process time not spent in calls, per task: mostly the result -> broker ->
+        # dispatch -> node round trip a slot waits for its next task (no prefetch).
+        out["idle_ms_per_task"] = (2 * elapsed - sum(runs)) / tasks * 1000
     return out
 
 
@@ -948,6 +984,8 @@ async def run_mode(
         async with app:
             await asyncio.wait_for(warm_up(app, "w3" in workloads), timeout)
             steps: list[tuple[str, Any]] = []
+            if "w1seq" in workloads:
+                steps.append(("w1_seq", lambda: w1_seq(app, sizes["w1_seq_tasks"])))
             if "w1" in workloads:
                 steps.append(("w1_gather", lambda: w1_gather(app, sizes["w1_tasks"])))
                 steps.append(("w1_many", lambda: w1_many(app, sizes["w1_tasks"])))
@@ -1023,6 +1061,11 @@ def _cpu_delta(
 
 
 def _short(name: str, result: dict[str, Any]) -> str:
+    if "submit_p50_ms" in result:
+        return (
+            f"{result['tasks_per_s']:,.0f} tasks/s ({result['seconds']:.2f}s); one submit "
+            f"p50 {result['submit_p50_ms']:.3f} ms, p99 {result['submit_p99_ms']:.3f} ms"
+        )
     if "tasks_per_s" in result:
         return f"{result['tasks_per_s']:,.0f} tasks/s ({result['seconds']:.2f}s)"
     return f"p50 {result['p50_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms"
@@ -1031,7 +1074,7 @@ def _short(name: str, result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- upstream 0.1.8
 
 
-def role_upstream(w1_tasks: int, w2_rounds: int) -> None:
+def role_upstream(w1_tasks: int, w2_rounds: int, w1_seq_tasks: int) -> None:
     """Runs under the upstream interpreter: its ``Flowrra.from_urls()`` in-process executor."""
     import logging
 
@@ -1054,6 +1097,18 @@ def role_upstream(w1_tasks: int, w2_rounds: int) -> None:
         async with app:
             warm = await asyncio.gather(*(app.submit(add, i, i) for i in range(WARMUP_TASKS)))
             await asyncio.gather(*(app.wait_for_result(t) for t in warm))
+            # W1-seq: one await app.submit at a time, then every result.
+            acks = []
+            started_seq = time.perf_counter()
+            seq_ids = []
+            for i in range(w1_seq_tasks):
+                t = time.perf_counter()
+                seq_ids.append(await app.submit(add, i, i))
+                acks.append(time.perf_counter() - t)
+            seq_submitted = time.perf_counter()
+            seq_results = await asyncio.gather(*(app.wait_for_result(t) for t in seq_ids))
+            seq_elapsed = time.perf_counter() - started_seq
+            check(seq_results, [2 * i for i in range(w1_seq_tasks)])
             started = time.perf_counter()
             ids = await asyncio.gather(*(app.submit(add, i, i) for i in range(w1_tasks)))
             submitted = time.perf_counter()
@@ -1071,6 +1126,15 @@ def role_upstream(w1_tasks: int, w2_rounds: int) -> None:
             "python": platform.python_version(),
             "executor": "Flowrra.from_urls() -> IOExecutor (io_workers=4, queue 1000), "
             "InMemoryBackend",
+            "w1_seq": {
+                "tasks": w1_seq_tasks,
+                "seconds": seq_elapsed,
+                "submit_seconds": seq_submitted - started_seq,
+                "tasks_per_s": w1_seq_tasks / seq_elapsed,
+                "submits_per_s": w1_seq_tasks / (seq_submitted - started_seq),
+                "submit_p50_ms": latency_summary(acks)["p50_ms"],
+                "submit_p99_ms": latency_summary(acks)["p99_ms"],
+            },
             "w1_gather": {
                 "tasks": w1_tasks,
                 "seconds": elapsed,
@@ -1094,6 +1158,7 @@ def run_upstream(
         "_upstream",
         str(sizes["w1_tasks"]),
         str(sizes["w2_rounds"]),
+        str(sizes["w1_seq_tasks"]),
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     child = children.start("upstream", argv, env=env, cwd=tempfile.gettempdir())
@@ -1188,6 +1253,7 @@ def build_table(report: dict[str, Any]) -> str:
     p_tp = pool.get("tasks_per_s")
     header = [
         "mode",
+        "W1-seq tasks/s (x base, higher=better)",
         "W1 gather tasks/s (x base, higher=better)",
         "W1 submit_many tasks/s (x base, higher=better)",
         "W2 p50 ms (x base, lower=better)",
@@ -1199,6 +1265,7 @@ def build_table(report: dict[str, Any]) -> str:
     rows.append(
         [
             "reference: raw pyzmq / bare pool",
+            f"{_fmt_rate(b_tp)} rt/s" if b_tp else "—",
             f"{_fmt_rate(b_tp)} rt/s" if b_tp else "—",
             f"{_fmt_rate(b_tp)} rt/s" if b_tp else "—",
             f"{b_p50:.3f}" if b_p50 else "—",
@@ -1240,6 +1307,7 @@ def build_table(report: dict[str, Any]) -> str:
         rows.append(
             [
                 label,
+                cell("w1_seq", "tasks_per_s", b_tp),
                 cell("w1_gather", "tasks_per_s", b_tp),
                 cell("w1_many", "tasks_per_s", b_tp),
                 cell("w2", "p50_ms", b_p50, ms=True),
@@ -1251,11 +1319,13 @@ def build_table(report: dict[str, Any]) -> str:
     up = report.get("upstream")
     if up:
         if "error" in up:
-            rows.append(["upstream flowrra 0.1.8 (in-process)", "FAILED", "", "", "", "", ""])
+            rows.append(["upstream flowrra 0.1.8 (in-process)", "FAILED", "", "", "", "", "", ""])
         else:
             rows.append(
                 [
                     f"upstream flowrra {up.get('version')} (in-process)",
+                    _fmt_rate(_get(up, "w1_seq", "tasks_per_s"))
+                    + _ratio(_get(up, "w1_seq", "tasks_per_s"), b_tp),
                     _fmt_rate(_get(up, "w1_gather", "tasks_per_s"))
                     + _ratio(_get(up, "w1_gather", "tasks_per_s"), b_tp),
                     "n/a (no submit_many)",
@@ -1275,115 +1345,200 @@ def build_table(report: dict[str, Any]) -> str:
 
 
 def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The project's performance targets, each met or missed by how much."""
+    """The project's performance targets, each a ratio within this run, met or missed.
+
+    Issue 9's targets ("Speed where users touch it") come first, then the earlier ones.
+    """
     base = report.get("baseline") or {}
     modes = report["modes"]
     up = report.get("upstream") or {}
+    if "error" in up:
+        up = {}
     targets: list[dict[str, Any]] = []
 
-    def at_least(name: str, value: float | None, goal: float | None, unit: str) -> None:
-        if value is None or goal is None:
+    def check(
+        group: str,
+        name: str,
+        value: float | None,
+        ref: float | None,
+        factor: float,
+        unit: str,
+        higher_is_better: bool,
+    ) -> None:
+        if value is None or not ref:
             return
-        met = value >= goal
+        ratio = value / ref
+        met = ratio >= factor if higher_is_better else ratio <= factor
+        if met:
+            note = "met"
+        elif higher_is_better:
+            note = f"missed: needs {factor / ratio:.2f}x the throughput"
+        else:
+            note = f"missed: needs {ratio / factor:.2f}x less time"
         targets.append(
             {
+                "group": group,
                 "target": name,
                 "value": value,
-                "goal": goal,
+                "reference": ref,
+                "ratio": ratio,
+                "goal_ratio": factor,
+                "goal": factor * ref,
                 "unit": unit,
                 "met": met,
-                "note": (
-                    "met"
-                    if met
-                    else f"missed by {goal - value:,.3g} {unit} "
-                    f"({100 * (goal - value) / goal:.0f}% short)"
-                ),
-            }
-        )
-
-    def at_most(name: str, value: float | None, goal: float | None, unit: str) -> None:
-        if value is None or goal is None:
-            return
-        met = value <= goal
-        targets.append(
-            {
-                "target": name,
-                "value": value,
-                "goal": goal,
-                "unit": unit,
-                "met": met,
-                "note": (
-                    "met"
-                    if met
-                    else f"missed by {value - goal:,.3g} {unit} "
-                    f"({100 * (value - goal) / goal:.0f}% over)"
-                ),
+                "note": note,
             }
         )
 
     b_tp = base.get("round_trips_per_s")
     b_p50 = _get(base, "sequential", "p50_ms")
-    for variant in ("w1_many", "w1_gather"):
-        value = _get(modes, "full", variant, "tasks_per_s")
-        at_least(
-            f"W1 ({variant}) processes, full durability >= 0.8x baseline",
-            value,
-            b_tp and 0.8 * b_tp,
-            "tasks/s",
-        )
-    if up and "error" not in up:
-        at_least(
-            "embedded W1 (gather) >= upstream 0.1.8 W1",
-            _get(modes, "embedded", "w1_gather", "tasks_per_s"),
-            _get(up, "w1_gather", "tasks_per_s"),
-            "tasks/s",
-        )
-        at_least(
-            "embedded W1 (submit_many) >= upstream 0.1.8 W1 (gather)",
-            _get(modes, "embedded", "w1_many", "tasks_per_s"),
-            _get(up, "w1_gather", "tasks_per_s"),
-            "tasks/s",
-        )
-        at_most(
-            "embedded W2 p50 <= upstream 0.1.8 W2 p50",
-            _get(modes, "embedded", "w2", "p50_ms"),
-            _get(up, "w2", "p50_ms"),
-            "ms",
-        )
-        at_most(
-            "embedded W2 p99 <= upstream 0.1.8 W2 p99",
-            _get(modes, "embedded", "w2", "p99_ms"),
-            _get(up, "w2", "p99_ms"),
-            "ms",
-        )
-    at_most(
-        "W2 p50 processes, fast durability <= 2x baseline",
-        _get(modes, "fast", "w2", "p50_ms"),
-        b_p50 and 2 * b_p50,
-        "ms",
-    )
-    at_most(
-        "W2 p50 processes, full durability <= 3x baseline",
-        _get(modes, "full", "w2", "p50_ms"),
-        b_p50 and 3 * b_p50,
-        "ms",
-    )
     p_tp = _get(report, "pool", "tasks_per_s")
-    for mode in ALL_MODES:
-        at_least(
-            f"W3 {mode} >= 0.9x bare pool",
-            _get(modes, mode, "w3", "tasks_per_s"),
-            p_tp and 0.9 * p_tp,
+    issue = "issue 9"
+    check(
+        issue,
+        "embedded W1-seq >= 1.0x upstream 0.1.8 W1-seq",
+        _get(modes, "embedded", "w1_seq", "tasks_per_s"),
+        _get(up, "w1_seq", "tasks_per_s"),
+        1.0,
+        "tasks/s",
+        True,
+    )
+    check(
+        issue,
+        "embedded W2 p50 <= 1.0x upstream 0.1.8 W2 p50",
+        _get(modes, "embedded", "w2", "p50_ms"),
+        _get(up, "w2", "p50_ms"),
+        1.0,
+        "ms",
+        False,
+    )
+    for mode, seq_factor, p50_factor in (("fast", 0.30, 2.0), ("full", 0.15, 4.0)):
+        check(
+            issue,
+            f"{mode} W1-seq >= {seq_factor:.2f}x raw pyzmq round trips/s",
+            _get(modes, mode, "w1_seq", "tasks_per_s"),
+            b_tp,
+            seq_factor,
             "tasks/s",
+            True,
         )
+        check(
+            issue,
+            f"{mode} W2 p50 <= {p50_factor:.0f}x raw pyzmq sequential p50",
+            _get(modes, mode, "w2", "p50_ms"),
+            b_p50,
+            p50_factor,
+            "ms",
+            False,
+        )
+    for mode in ("fast", "full"):
+        for variant, label in (("w1_gather", "gather"), ("w1_many", "submit_many")):
+            check(
+                issue,
+                f"{mode} W1 {label} >= 0.8x raw pyzmq round trips/s",
+                _get(modes, mode, variant, "tasks_per_s"),
+                b_tp,
+                0.8,
+                "tasks/s",
+                True,
+            )
+    for mode in ALL_MODES:
+        check(
+            issue,
+            f"{mode} W3 >= 0.9x bare 2-process pool",
+            _get(modes, mode, "w3", "tasks_per_s"),
+            p_tp,
+            0.9,
+            "tasks/s",
+            True,
+        )
+    earlier = "earlier"
+    check(
+        earlier,
+        "embedded W1 gather >= 1.0x upstream 0.1.8 W1 gather",
+        _get(modes, "embedded", "w1_gather", "tasks_per_s"),
+        _get(up, "w1_gather", "tasks_per_s"),
+        1.0,
+        "tasks/s",
+        True,
+    )
+    check(
+        earlier,
+        "embedded W1 submit_many >= 1.0x upstream 0.1.8 W1 gather",
+        _get(modes, "embedded", "w1_many", "tasks_per_s"),
+        _get(up, "w1_gather", "tasks_per_s"),
+        1.0,
+        "tasks/s",
+        True,
+    )
+    check(
+        earlier,
+        "embedded W2 p99 <= 1.0x upstream 0.1.8 W2 p99",
+        _get(modes, "embedded", "w2", "p99_ms"),
+        _get(up, "w2", "p99_ms"),
+        1.0,
+        "ms",
+        False,
+    )
     for mode in ("full", "fast"):
-        at_least(
-            f"W4 {mode} total >= W1 (submit_many) {mode}",
+        check(
+            earlier,
+            f"{mode} W4 total >= 1.0x W1 submit_many {mode}",
             _get(modes, mode, "w4", "tasks_per_s"),
             _get(modes, mode, "w1_many", "tasks_per_s"),
+            1.0,
             "tasks/s",
+            True,
         )
     return targets
+
+
+def single_call_summary(report: dict[str, Any]) -> list[str]:
+    """W1-seq and W2 p50 per mode, as ratios to raw pyzmq and to upstream, from this run."""
+    base = report.get("baseline") or {}
+    up = report.get("upstream") or {}
+    if "error" in up:
+        up = {}
+    b_tp = base.get("round_trips_per_s")
+    b_p50 = _get(base, "sequential", "p50_ms")
+    u_seq = _get(up, "w1_seq", "tasks_per_s")
+    u_p50 = _get(up, "w2", "p50_ms")
+    lines = []
+
+    def ratios(value: float | None, refs: list[tuple[str, float | None]]) -> str:
+        if value is None:
+            return ""
+        parts = [f"{value / ref:.2f}x {name}" for name, ref in refs if ref]
+        return f" ({', '.join(parts)})" if parts else ""
+
+    if b_tp or b_p50:
+        lines.append(
+            f"  {'raw pyzmq':9} W1-seq ref {_fmt_rate(b_tp)} round trips/s (1,000 in flight); "
+            f"W2 ref p50 {b_p50 or float('nan'):.3f} ms"
+        )
+    if u_seq or u_p50:
+        lines.append(
+            f"  {'upstream':9} W1-seq {_fmt_rate(u_seq)} tasks/s"
+            + ratios(u_seq, [("raw", b_tp)])
+            + f"; W2 p50 {u_p50 or float('nan'):.3f} ms"
+            + ratios(u_p50, [("raw", b_p50)])
+            + f"; one submit p50 {_get(up, 'w1_seq', 'submit_p50_ms') or float('nan'):.3f} ms"
+        )
+    for mode, m in report["modes"].items():
+        seq = _get(m, "w1_seq", "tasks_per_s")
+        p50 = _get(m, "w2", "p50_ms")
+        if seq is None and p50 is None:
+            continue
+        text = f"  {mode:9} W1-seq {_fmt_rate(seq)} tasks/s" + ratios(
+            seq, [("raw", b_tp), ("upstream", u_seq)]
+        )
+        if p50 is not None:
+            text += f"; W2 p50 {p50:.3f} ms" + ratios(p50, [("raw", b_p50), ("upstream", u_p50)])
+        sub = _get(m, "w1_seq", "submit_p50_ms")
+        if sub is not None:
+            text += f"; one submit p50 {sub:.3f} ms"
+        lines.append(text)
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -1408,7 +1563,7 @@ def render(report: dict[str, Any]) -> str:
     )
     cpu_rows = []
     for mode, m in report["modes"].items():
-        for key in ("w1_gather", "w1_many", "w2", "w3"):
+        for key in ("w1_seq", "w1_gather", "w1_many", "w2", "w3"):
             cpu = _get(m, key, "cpu_us_per_task")
             if cpu:
                 parts = ", ".join(f"{k} {v:,.1f}" for k, v in cpu.items())
@@ -1430,21 +1585,27 @@ def render(report: dict[str, Any]) -> str:
         if "worker_utilization" in w3:
             out.append(
                 f"W3 {mode}: one call takes p50 {w3['run_ms_p50']:.2f} ms on the node; the 2 "
-                f"worker processes were busy {100 * w3['worker_utilization']:.0f}% of the time"
+                f"worker processes were busy {100 * w3['worker_utilization']:.0f}% of the time, "
+                f"idle {w3.get('idle_ms_per_task', float('nan')):.2f} ms per task"
             )
     for mode, m in report["modes"].items():
         for step, error in (m.get("errors") or {}).items():
             out.append(f"ERROR {mode} {step}: {error}")
     if report.get("upstream", {}).get("error"):
         out.append(f"ERROR upstream: {report['upstream']['error']}")
+    single = single_call_summary(report)
+    if single:
+        out.append("")
+        out.append("Single calls (W1-seq: one await app.submit at a time; W2: submit + wait):")
+        out.extend(single)
     if report.get("targets"):
         out.append("")
-        out.append("Targets:")
+        out.append("Targets (ratios within this run):")
         for t in report["targets"]:
             mark = "MET   " if t["met"] else "MISSED"
             out.append(
-                f"  {mark} {t['target']}: {t['value']:,.3f} vs goal {t['goal']:,.3f} "
-                f"{t['unit']} — {t['note']}"
+                f"  {mark} [{t['group']}] {t['target']}: {t['ratio']:.2f}x "
+                f"({t['value']:,.3f} vs {t['reference']:,.3f} {t['unit']}) — {t['note']}"
             )
     for mode, m in report["modes"].items():
         for step, files in (m.get("profiles") or {}).items():
@@ -1493,7 +1654,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--profile",
         metavar="DIR",
         type=Path,
-        help="py-spy record the broker and node during W1 submit_many and W2 into DIR "
+        help="py-spy record the broker and node during W1-seq, W1 submit_many and W2 into DIR "
         "(perturbs that mode's figures)",
     )
     parser.add_argument(
@@ -1591,7 +1752,8 @@ def main(argv: list[str]) -> int:
                 up = run_upstream(children, args.upstream, args.sizes, args.timeout)
                 report["upstream"] = up
                 progress(
-                    f"upstream: W1 {up['w1_gather']['tasks_per_s']:,.0f} tasks/s; W2 p50 "
+                    f"upstream: W1-seq {up['w1_seq']['tasks_per_s']:,.0f} tasks/s; "
+                    f"W1 {up['w1_gather']['tasks_per_s']:,.0f} tasks/s; W2 p50 "
                     f"{up['w2']['p50_ms']:.3f} ms, p99 {up['w2']['p99_ms']:.3f} ms"
                 )
             except (StepError, OSError) as exc:
@@ -1648,7 +1810,7 @@ def dispatch_role(argv: list[str]) -> None:
     elif role == "_w4_client":
         role_w4_client(rest[0], int(rest[1]))
     elif role == "_upstream":
-        role_upstream(int(rest[0]), int(rest[1]))
+        role_upstream(int(rest[0]), int(rest[1]), int(rest[2]))
     else:
         raise SystemExit(f"unknown role {role}")
 
