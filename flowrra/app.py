@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from flowrra import protocol
 from flowrra.blocking import BlockingFlowrra
 from flowrra.client import BrokerClient
-from flowrra.errors import FlowrraError, SubmitRejected, TaskNotFoundError
+from flowrra.errors import BrokerUnavailable, FlowrraError, SubmitRejected, TaskNotFoundError
 from flowrra.protocol import Submission, TaskStatus, pack_args
 from flowrra.result import TaskResult
 from flowrra.scheduler import Scheduler
@@ -52,6 +52,7 @@ class Flowrra:
         request_timeout: float = 30.0,
         curve_server_key: str | None = None,
         curve_secret_key: str | None = None,
+        confirm_submits: bool = True,
     ) -> None:
         _check_options(
             broker, data_dir, durability, concurrency, processes, connect_timeout, request_timeout
@@ -67,6 +68,10 @@ class Flowrra:
         self.request_timeout = request_timeout
         self.curve_server_key = curve_server_key
         self.curve_secret_key = curve_secret_key
+        # True: submit() returns once the broker has stored the task (strict, the default).
+        # False: once it is queued in this client, which keeps it until the broker confirms
+        # it (re-sending it after a broker restart); stop() waits for the confirmations.
+        self.confirm_submits = bool(confirm_submits)
         self._tasks: dict[str, TaskSpec] = {}
         self._by_function: dict[Callable[..., Any], TaskSpec] = {}
         self._client: BrokerClient | None = None
@@ -222,7 +227,12 @@ class Flowrra:
     async def stop(self) -> None:
         """Disconnect, and stop the embedded node and broker."""
         client, self._client = self._client, None
+        unconfirmed: BrokerUnavailable | None = None
         if client is not None:
+            try:
+                await client.confirmed(self.request_timeout)
+            except BrokerUnavailable as exc:
+                unconfirmed = exc
             await client.close()
         if self._node is not None:
             self._node.stop()
@@ -236,6 +246,8 @@ class Flowrra:
                 log.exception("embedded %s failed", task.get_name())
         self._node = None
         self._service = None
+        if unconfirmed is not None:
+            raise unconfirmed
 
     async def __aenter__(self) -> Flowrra:
         await self.start()
@@ -317,7 +329,8 @@ class Flowrra:
         spec = self.spec_for(task)
         client = self._connected()
         submission = self._submission(client, spec, args, kwargs, priority, task_id, times)
-        await client.submit([submission])
+        # An explicit task_id always waits: its caller wants to hear of a conflict now.
+        await client.submit([submission], confirm=self.confirm_submits or task_id is not None)
         return submission.task_id
 
     async def submit_many(

@@ -57,13 +57,14 @@ _FINAL = protocol.FINAL_STATUS_VALUES
 class _AckWait:
     """Acknowledgements still expected for one submit call."""
 
-    __slots__ = ("conflict", "error", "future", "remaining")
+    __slots__ = ("conflict", "deferred", "error", "future", "remaining")
 
     def __init__(self, future: asyncio.Future[None], count: int) -> None:
         self.future = future
         self.remaining = count
         self.error: str | None = None
         self.conflict = False  # the first refusal was a task id taken by another call
+        self.deferred = False  # submit() returned without waiting (confirm=False)
 
 
 class _StateWait:
@@ -112,6 +113,10 @@ class BrokerClient:
         self._admin: dict[int, asyncio.Future[Any]] = {}
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._watchers: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
+        # Submits that returned before their acknowledgement, and tasks the broker refused
+        # after such a submit returned (their waiters get the error).
+        self._deferred: set[asyncio.Future[None]] = set()
+        self._refused: dict[str, SubmitRejected] = {}
         # Awaited task ids: when to ask the broker about each if nothing arrives, and the
         # interval after that (QUIET_REQUERY_S), the earliest of those times, and the query
         # asking, while unanswered.
@@ -201,8 +206,14 @@ class BrokerClient:
     def max_message_bytes(self) -> int:
         return self.welcome.max_message_bytes if self.welcome else protocol.MAX_MESSAGE_BYTES
 
-    async def submit(self, submissions: Sequence[Submission]) -> None:
-        """Send tasks and return once the broker has acknowledged (stored) all of them."""
+    async def submit(self, submissions: Sequence[Submission], *, confirm: bool = True) -> None:
+        """Send tasks and return once the broker has acknowledged (stored) all of them.
+
+        With ``confirm=False`` it returns as soon as they are queued in this client, which
+        keeps each one (and sends it again after a broker restart) until the broker has
+        stored it: a refusal then fails the task's waiters with SubmitRejected, and
+        :meth:`confirmed` waits for every outstanding acknowledgement.
+        """
         self._check_open()
         if not submissions:
             return
@@ -225,6 +236,12 @@ class BrokerClient:
             self._unresolved[sub.task_id] = epoch
             self._outgoing.append(wire)
         self._schedule_flush()
+        if not confirm:
+            wait.deferred = True
+            self._deferred.add(wait.future)
+            wait.future.add_done_callback(self._deferred.discard)
+            wait.future.add_done_callback(_consume)  # its errors reach the waiters instead
+            return
         try:
             await self._bounded(wait.future, "acknowledge the submit")
         except BaseException:
@@ -234,6 +251,30 @@ class BrokerClient:
             raise
         if wait.error is not None:
             raise (TaskIdConflict if wait.conflict else SubmitRejected)(wait.error)
+
+    def _refuse(self, task_id: str, error: str, code: str | None) -> None:
+        exc = (TaskIdConflict if code == protocol.ACK_CONFLICT else SubmitRejected)(error)
+        log.error("the broker refused a submitted task: %s", error)
+        self._refused[task_id] = exc
+        if len(self._refused) > RESULT_CACHE_SIZE:
+            self._refused.pop(next(iter(self._refused)))
+        for future in self._waiters.get(task_id, ()):
+            if not future.done():
+                future.set_exception(exc)
+
+    async def confirmed(self, timeout_s: float) -> None:
+        """Wait until the broker has acknowledged every submit made with confirm=False;
+        BrokerUnavailable after ``timeout_s`` (the submissions are kept and re-sent)."""
+        pending = list(self._deferred)
+        if not pending:
+            return
+        _, not_done = await asyncio.wait(pending, timeout=timeout_s)
+        if not_done:
+            count = sum(1 for wait in self._acks.values() if wait.future in not_done)
+            raise BrokerUnavailable(
+                f"the broker did not confirm {count} submitted tasks within {timeout_s}s: "
+                "they may not be stored"
+            )
 
     async def get(self, task_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """The broker's stored records for ``task_ids`` (None for unknown ids)."""
@@ -278,6 +319,9 @@ class BrokerClient:
         cached = self._results.get(task_id)
         if cached is not None:
             return cached
+        refused = self._refused.get(task_id)
+        if refused is not None:
+            raise refused
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._waiters.setdefault(task_id, []).append(future)
@@ -472,7 +516,10 @@ class BrokerClient:
             if ack.error is not None and wait.error is None:
                 wait.error = f"task {ack.task_id}: {ack.error}"
                 wait.conflict = ack.code == protocol.ACK_CONFLICT
+            if ack.error is not None:
                 self._unresolved.pop(ack.task_id, None)
+                if wait.deferred:  # nobody awaits the submit: tell the task's waiters
+                    self._refuse(ack.task_id, f"task {ack.task_id}: {ack.error}", ack.code)
             wait.remaining -= 1
             if wait.remaining == 0 and not wait.future.done():
                 wait.future.set_result(None)
