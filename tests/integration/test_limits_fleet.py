@@ -88,19 +88,6 @@ async def test_a_rate_limit_reaches_90_percent_of_the_rate_across_two_nodes(
     assert overfull_windows(starts, RATE_WINDOW_S - JITTER_ALLOWANCE_S) == [], starts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product defect: the rate limit is strict on the broker's clock only. The broker "
-        "stamps a start with its tick's `now`, taken at the top of the loop iteration before "
-        "the tick's messages, housekeeping and dispatch are done and before the dispatch is "
-        "sent (broker/server.py run(), core.py _start_attempt -> limits.started(name, now)), "
-        "and reopens the window exactly window_s after that stamp. The delay from stamp to "
-        "the run's real start varies by milliseconds, so a later batch that goes out faster "
-        "than the one five starts before it puts 6 real starts in under 1 s: start i+5 came "
-        "0.992-0.9999 s after start i in 29 of 31 rounds of 20 (idle and with 2 CPU burners)."
-    ),
-)
 async def test_a_rate_limit_is_strict_on_the_real_start_times(
     launcher: Launcher, tmp_path: Path
 ) -> None:
