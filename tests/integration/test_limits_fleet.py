@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from flowrra import Flowrra, TaskStatus
 from tests.apps import workflow_app as wf
 from tests.apps.workflow_app import markers
