@@ -181,6 +181,9 @@ class Broker:
         # While commits fail, replays are tried this often, so that the ticks in between
         # (reads, heartbeats) write nothing and their replies still go out.
         self._replay_after = 0.0
+        # Ticks run so far, and workflow steps released in one, queued after its commit.
+        self._ticks = 0
+        self._held: list[tuple[int, TaskRecord]] = []
         # Items handled and reply bytes built in the current tick (see TICK_ITEMS).
         self.tick_items = 0
         self.tick_reply_bytes = 0
@@ -364,6 +367,7 @@ class Broker:
         for peer, outcome in self._replay_outcomes:  # ended in the lost tick, by their holder
             held_before.setdefault(outcome.task_id, peer)
         self.queues = TaskQueues()
+        self._held = []  # their release was not committed: they are WAITING again
         self.leases = {}
         self.limits.reset_running()
         self.timers = Timers()
@@ -646,6 +650,8 @@ class Broker:
         superseded: list[list[Any]] = []
         for task_id, attempt in adopted.items():
             lease = self.leases.get(task_id)
+            if lease is None and self._adopt_lost_dispatch(task_id, attempt, node, now):
+                continue
             if lease is None or lease.attempt != attempt:
                 # The broker moved on (cancelled, finished, or running it elsewhere): stop it
                 # there; a late result would be fenced out anyway.
@@ -672,6 +678,28 @@ class Broker:
             ready.cpu_slots,
             len(ready.tasks),
         )
+
+    def _adopt_lost_dispatch(self, task_id: str, attempt: int, node: NodeState, now: float) -> bool:
+        """A node holds the next attempt of a task that is queued: the broker dispatched it
+        and was killed before the commit that recorded the dispatch (dispatches leave
+        before the commit). The node is running (or ran) exactly that attempt: adopt it
+        instead of running the task a second time."""
+        record = self.repo.get(task_id)
+        if record is None or record.status is not TaskStatus.PENDING:
+            return False
+        if attempt != record.attempt + 1 or record.name not in node.names_all:
+            return False
+        self._unqueue(record)
+        kind = SlotKind.CPU if record.name in node.names[SlotKind.CPU] else SlotKind.ASYNC
+        record.attempt = attempt
+        record.status = TaskStatus.RUNNING
+        record.node_id = node.node_id
+        self._lease(record, kind, node.peer, now)
+        self.limits.started(record.name, now)
+        node.leases.add(task_id)
+        node.free[kind] = max(0, node.free[kind] - 1)
+        self.counters["adopted_dispatches"] += 1
+        return True
 
     def heartbeat_from(self, peer: bytes, body: object, now: float) -> None:
         """A heartbeat on a node's main socket, or (with a body naming the node) on its
@@ -959,8 +987,26 @@ class Broker:
         else:
             record.status = TaskStatus.PENDING
             record.eta = None
-            self._enqueue(record)
+            record.queued_at = time.time()
+            self.repo.enqueue(record)
+            # Dispatched only once the commit that released it is done: dispatches leave
+            # before a tick's commit, and a crash in between would record the releasing
+            # result again after the restart and run the step a second time.
+            self._held.append((self._ticks, record))
         self.repo.save(record)
+
+    @property
+    def holds_released(self) -> bool:
+        """Workflow steps released and waiting for their commit before they dispatch."""
+        return bool(self._held)
+
+    def _queue_held(self) -> None:
+        """Queue the steps released before the last tick (its commit has happened since)."""
+        ready = [record for ticks, record in self._held if ticks < self._ticks]
+        if ready:
+            self._held = [(ticks, record) for ticks, record in self._held if ticks >= self._ticks]
+            for record in ready:
+                self.queues.push(record.name, record.priority, record.order)
 
     def submit_workflow(self, declared: object, now: float) -> dict[str, Any]:
         """Store a chain, group or chord (its first step queued); idempotent by its id."""
@@ -1081,6 +1127,8 @@ class Broker:
     def tick(self, now: float) -> None:
         """Time-driven work, then dispatch; called once per loop iteration."""
         self.tick_items = self.tick_reply_bytes = 0
+        if self._held:
+            self._queue_held()
         if self._replay_outcomes and now >= self._replay_after:  # from a tick whose commit failed
             replay, self._replay_outcomes = self._replay_outcomes, []
             for peer, outcome in replay:
@@ -1103,6 +1151,7 @@ class Broker:
         self.dispatch(now)
         self._store_order()
         self.repo.end_tick()
+        self._ticks += 1
 
     def seconds_until_due(self, now: float) -> float:
         """How long the loop may sleep before :meth:`tick` has work to do."""
@@ -1115,6 +1164,8 @@ class Broker:
             wait = min(wait, next_slot - now)
         if self._replay_outcomes:
             wait = min(wait, self._replay_after - now)
+        if self._held:
+            wait = 0.0  # the next tick queues them
         if self.limits and len(self.queues):
             waiting = [n for n in self.limits.names if self.queues.has_work((n,))]
             opening = self.limits.next_opening(now, waiting)

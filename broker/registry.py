@@ -54,6 +54,11 @@ class NodeState:
     tasks_failed: int = 0
     paused: bool = False  # draining for shutdown: finishes what it holds, takes nothing new
 
+    @property
+    def names_all(self) -> frozenset[str]:
+        """Every task name it serves, of either kind."""
+        return frozenset((*self.names[SlotKind.ASYNC], *self.names[SlotKind.CPU]))
+
     def has_credit(self) -> bool:
         if self.paused:
             return False

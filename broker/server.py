@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from broker.config import BrokerConfig
@@ -34,15 +35,28 @@ def open_store(config: BrokerConfig) -> Store:
 
 
 class BrokerService:
-    """Runs a :class:`Broker` over a transport endpoint until :meth:`stop` is called."""
+    """Runs a :class:`Broker` over a transport endpoint until :meth:`stop` is called.
+
+    ``clock`` is where the loop reads the time (Unix seconds) it hands the broker: due
+    retries, countdowns, deadlines, leases and heartbeats all follow it. Tests give a clock
+    they advance (:class:`flowrra.testing.Clock`) and then set :attr:`wakeup`, so that what
+    became due runs at once instead of after a real wait.
+    """
 
     def __init__(
-        self, broker: Broker, endpoint: BrokerEndpoint, wakeup: Wakeup, store: Store
+        self,
+        broker: Broker,
+        endpoint: BrokerEndpoint,
+        wakeup: Wakeup,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.broker = broker
         self.endpoint = endpoint
         self.wakeup = wakeup
         self.store = store
+        self.clock = clock
         self._stopping = False
         # An fsync'd commit takes hundreds of microseconds: run it off the event loop so an
         # embedded app (or the node sharing this loop) keeps running meanwhile.
@@ -64,7 +78,7 @@ class BrokerService:
     async def run(self) -> None:
         broker, endpoint = self.broker, self.endpoint
         broker.enforce_liveness = endpoint.peers_can_vanish
-        broker.recover(time.time())
+        broker.recover(self.clock())
         if broker.store.dirty:
             await self._commit()
         self.ready.set()
@@ -77,7 +91,7 @@ class BrokerService:
                     deferred.clear()
                 else:
                     messages, topics = endpoint.drain(DRAIN_LIMIT)
-                now = time.time()
+                now = self.clock()
                 handle = broker.handle
                 self._processing = True  # what a send of this tick brings waits for the next
                 for index, (peer, frames) in enumerate(messages):
@@ -102,7 +116,7 @@ class BrokerService:
                 if messages or topics:
                     await asyncio.sleep(0)  # let the other coroutines of this loop run
                 else:
-                    now = time.time()
+                    now = self.clock()
                     sleep_s = broker.seconds_until_due(now)
                     self._sleeping_until = now + sleep_s
                     await self.wakeup.wait(sleep_s)
@@ -111,7 +125,7 @@ class BrokerService:
             if self.store.dirty:
                 await self._commit()
             if broker.outbox:
-                self._flush(time.time())
+                self._flush(self.clock())
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
 
@@ -132,9 +146,9 @@ class BrokerService:
         try:
             while True:
                 messages, topics = endpoint.drain(DRAIN_LIMIT)
-                if not messages and not topics:
+                if not messages and not topics and not broker.holds_released:
                     return
-                now = time.time()
+                now = self.clock()
                 for peer, frames in messages:
                     broker.handle(peer, frames, now)
                 for topic in topics:
@@ -181,7 +195,7 @@ class BrokerService:
             log.warning(
                 "the store accepts writes again, after %d failed commits in %.1fs",
                 self._failed_commits,
-                time.time() - self._failing_since,
+                self.clock() - self._failing_since,
             )
             self._failing_since = None
 
@@ -189,7 +203,7 @@ class BrokerService:
         """Nothing of this tick reached the disk (a full or failing disk, see
         docs/operations.md): refuse its submissions instead of acknowledging tasks the store
         does not hold, roll the broker back to what the store holds, and keep serving."""
-        now = time.time()
+        now = self.clock()
         self.broker.counters["failed_commits"] += 1
         if self._failing_since is None:
             self._failing_since, self._failed_commits = now, 0

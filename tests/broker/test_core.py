@@ -1238,3 +1238,26 @@ def test_a_ready_on_a_new_connection_gives_back_what_it_does_not_hold(h: Harness
     h.tick()
     (again,) = h.dispatched()[NODE_B]
     assert again.task_id == "t1" and again.attempt == 2
+
+
+def test_a_dispatch_lost_in_a_crash_is_adopted_not_run_again(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    h = Harness(LmdbStore(path))
+    h.broker.recover(h.now)
+    h.submit(submission("t1"))
+    h.broker.store.commit()
+    h.ready(NODE_A)
+    h.tick()  # t1#1 leaves for the node...
+    assert ids(h.dispatched()[NODE_A]) == ["t1"]
+    h.broker.store.discard()  # ...and the broker is killed before recording it
+    h.broker.store.close()
+
+    h2 = Harness(LmdbStore(path))
+    h2.broker.recover(h2.now)
+    h2.ready(NODE_A, running=[("t1", 1)])  # the node ran (or runs) t1#1
+    h2.tick()
+    assert h2.dispatched() == {}  # not run a second time
+    assert h2.broker.counters["adopted_dispatches"] == 1
+    h2.result(NODE_A, "t1", 1, "once")
+    assert h2.record("t1").status is TaskStatus.SUCCESS
+    h2.broker.store.close()

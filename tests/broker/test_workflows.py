@@ -38,6 +38,9 @@ def test_the_callback_waits_and_gets_every_result_in_order(h: Harness) -> None:
     for i in (2, 0, 1):  # finishing out of order
         h.result(NODE_A, f"m{i}", 1, i * 10)
     h.tick()
+    assert h.dispatched() == {}  # not before the commit that released it...
+    h.broker.store.commit()
+    h.tick()  # ...but in the next tick
     (dispatch,) = h.dispatched()[NODE_A]
     assert dispatch.task_id == "cb"
     assert unpack_args(dispatch.payload) == (([0, 10, 20],), {"extra": 1})
@@ -57,6 +60,7 @@ def test_a_member_run_twice_after_a_node_loss_is_counted_once(h: Harness) -> Non
     h.tick()
     assert h.record("cb").status is TaskStatus.WAITING  # one of two members counted
     h.result(NODE_B, "m1", 2 if first.task_id == "m1" else 1, "b")
+    h.tick()
     h.tick()
     assert ids(h.dispatched()[NODE_B]) == ["cb"]
     workflow = h.broker.workflows.get("w1")
@@ -110,6 +114,34 @@ def test_the_count_survives_a_restart_between_members(tmp_path: Path) -> None:
     h2.ready(NODE_A, running=[("m1", 1)])
     h2.result(NODE_A, "m1", 1, "b")
     h2.tick()
+    h2.tick()
     (dispatch,) = h2.dispatched()[NODE_A]
     assert dispatch.task_id == "cb" and unpack_args(dispatch.payload)[0] == (["a", "b"],)
+    h2.broker.store.close()
+
+
+def test_a_step_released_in_a_lost_tick_waits_again_and_runs_once(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    h = Harness(LmdbStore(path))
+    h.broker.recover(h.now)
+    chord(h, 1)
+    h.ready(NODE_A, async_slots=2)
+    h.tick()
+    h.broker.store.commit()
+    h.result(NODE_A, "m0", 1, "a")
+    h.tick()  # the callback is released, but held back until this commit...
+    assert "cb" not in ids(h.dispatched().get(NODE_A, []))
+    h.broker.store.discard()  # ...which never happens: the broker is killed
+    h.broker.store.close()
+
+    h2 = Harness(LmdbStore(path))
+    h2.broker.recover(h2.now)
+    assert h2.record("cb").status is TaskStatus.WAITING
+    h2.ready(NODE_A, running=[("m0", 1)])
+    h2.result(NODE_A, "m0", 1, "a")  # the node reports again after the restart
+    h2.tick()
+    h2.broker.store.commit()
+    h2.tick()
+    (dispatch,) = h2.dispatched()[NODE_A]
+    assert dispatch.task_id == "cb" and dispatch.attempt == 1  # dispatched once, in all
     h2.broker.store.close()
