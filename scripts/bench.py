@@ -63,7 +63,7 @@ NODE_CONCURRENCY = 1000
 HOST = "127.0.0.1"
 
 ALL_MODES = ("embedded", "full", "fast")
-ALL_WORKLOADS = ("w1seq", "w1", "w2", "w3", "w4")
+ALL_WORKLOADS = ("w1seq", "w1", "w2", "w3", "w4", "wf")
 
 FULL_SIZES = {
     "baseline_messages": 20_000,
@@ -76,6 +76,8 @@ FULL_SIZES = {
     "w3_n": 200_000,
     "w4_clients": 4,
     "w4_tasks": 10_000,
+    "chord_members": 1_000,
+    "chain_links": 100,
 }
 QUICK_SIZES = {
     "baseline_messages": 2_000,
@@ -88,6 +90,8 @@ QUICK_SIZES = {
     "w3_n": 200_000,
     "w4_clients": 4,
     "w4_tasks": 200,
+    "chord_members": 50,
+    "chain_links": 10,
 }
 WARMUP_TASKS = 200
 PROFILED_STEPS = ("w1_seq", "w1_many", "w2")  # with --profile
@@ -638,6 +642,67 @@ async def w1_seq(app: Any, tasks: int) -> dict[str, Any]:
     }
 
 
+async def w1_seq_deferred(app: Any, tasks: int) -> dict[str, Any]:
+    """W1-seq with ``confirm_submits=False``: submit returns once queued in the client
+    (kept until confirmed and re-sent after a broker restart; see docs/operations.md)."""
+    app.confirm_submits = False
+    try:
+        return await w1_seq(app, tasks)
+    finally:
+        app.confirm_submits = True
+
+
+async def wf_chord(app: Any, members: int) -> dict[str, Any]:
+    """A chord of ``members`` ``add`` calls into ``total``, against ``submit_many`` of the
+    same members (timed in the same run)."""
+    import bench_app
+
+    from flowrra import call
+
+    started = time.perf_counter()
+    ids = await app.submit_many(bench_app.add, [(i, i) for i in range(members)])
+    await _wait_all(app, ids)
+    plain_s = time.perf_counter() - started
+    started = time.perf_counter()
+    callback = await app.chord([call(bench_app.add, i, i) for i in range(members)],
+                               call(bench_app.total))  # fmt: skip
+    result = await app.wait_for_result(callback)
+    chord_s = time.perf_counter() - started
+    if not result.success or result.result != sum(2 * i for i in range(members)):
+        raise StepError(f"chord result wrong: {result!r}")
+    return {
+        "tasks": members,
+        "seconds": chord_s,
+        "tasks_per_s": members / chord_s,
+        "submit_many_seconds": plain_s,
+        "vs_submit_many": chord_s / plain_s,
+    }
+
+
+async def wf_chain(app: Any, links: int, w2_p50_ms: float | None) -> dict[str, Any]:
+    """A chain of ``links`` ``add`` calls: time per link, against W2's round trip."""
+    import bench_app
+
+    from flowrra import call
+
+    started = time.perf_counter()
+    last = await app.chain(
+        call(bench_app.add, 0, 1), *(call(bench_app.add, 1) for _ in range(links - 1))
+    )
+    result = await app.wait_for_result(last)
+    elapsed = time.perf_counter() - started
+    if not result.success or result.result != links:
+        raise StepError(f"chain result wrong: {result!r}")
+    per_link_ms = elapsed / links * 1000
+    return {
+        "tasks": links,
+        "seconds": elapsed,
+        "tasks_per_s": links / elapsed,
+        "per_link_ms": per_link_ms,
+        "vs_w2_p50": None if not w2_p50_ms else per_link_ms / w2_p50_ms,
+    }
+
+
 async def w1_gather(app: Any, tasks: int) -> dict[str, Any]:
     import bench_app
 
@@ -986,6 +1051,9 @@ async def run_mode(
             steps: list[tuple[str, Any]] = []
             if "w1seq" in workloads:
                 steps.append(("w1_seq", lambda: w1_seq(app, sizes["w1_seq_tasks"])))
+                steps.append(
+                    ("w1_seq_deferred", lambda: w1_seq_deferred(app, sizes["w1_seq_tasks"]))
+                )
             if "w1" in workloads:
                 steps.append(("w1_gather", lambda: w1_gather(app, sizes["w1_tasks"])))
                 steps.append(("w1_many", lambda: w1_many(app, sizes["w1_tasks"])))
@@ -993,6 +1061,16 @@ async def run_mode(
                 steps.append(("w2", lambda: w2_latency(app, sizes["w2_rounds"])))
             if "w3" in workloads:
                 steps.append(("w3", lambda: w3_cpu(app, sizes["w3_tasks"], sizes["w3_n"])))
+            if "wf" in workloads:
+                steps.append(("wf_chord", lambda: wf_chord(app, sizes["chord_members"])))
+                steps.append(
+                    (
+                        "wf_chain",
+                        lambda: wf_chain(
+                            app, sizes["chain_links"], (out.get("w2") or {}).get("p50_ms")
+                        ),
+                    )
+                )
             for name, make in steps:
                 progress(f"{mode}: {name} ...")
                 cpu_before = _cpu_sample(remote)
@@ -1598,6 +1676,30 @@ def render(report: dict[str, Any]) -> str:
         out.append("")
         out.append("Single calls (W1-seq: one await app.submit at a time; W2: submit + wait):")
         out.extend(single)
+    extra = []
+    for mode, m in report["modes"].items():
+        seq, deferred = m.get("w1_seq"), m.get("w1_seq_deferred")
+        if seq and deferred:
+            extra.append(
+                f"  {mode:9} W1-seq with confirm_submits=False {deferred['tasks_per_s']:,.0f} "
+                f"tasks/s ({deferred['tasks_per_s'] / seq['tasks_per_s']:.2f}x the default)"
+            )
+        chord, chain = m.get("wf_chord"), m.get("wf_chain")
+        if chord:
+            extra.append(
+                f"  {mode:9} chord of {chord['tasks']:,}: {chord['seconds']:.3f} s, "
+                f"{chord['vs_submit_many']:.2f}x submit_many of the same tasks"
+            )
+        if chain:
+            vs = chain["vs_w2_p50"]
+            extra.append(
+                f"  {mode:9} chain of {chain['tasks']}: {chain['per_link_ms']:.3f} ms per link"
+                + ("" if vs is None else f", {vs:.2f}x W2 p50")
+            )
+    if extra:
+        out.append("")
+        out.append("Deferred confirmation and workflows (issue 9, issue 11):")
+        out.extend(extra)
     if report.get("targets"):
         out.append("")
         out.append("Targets (ratios within this run):")

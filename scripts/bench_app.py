@@ -17,6 +17,11 @@ async def add(x: int, y: int) -> int:
     return x + y
 
 
+async def total(values: list[int]) -> int:
+    """The bench chord's callback."""
+    return sum(values)
+
+
 def cpu_sum(n: int) -> int:
     """W3: pure CPU work (``sum(range(200_000))`` takes a few milliseconds)."""
     return sum(range(n))
@@ -25,6 +30,7 @@ def cpu_sum(n: int) -> int:
 def register(app: Flowrra) -> Flowrra:
     """Register the bench tasks on ``app`` (the functions are shared by every app)."""
     app.task()(add)
+    app.task()(total)
     app.task(cpu_bound=True)(cpu_sum)
     return app
 
