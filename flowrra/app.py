@@ -79,6 +79,9 @@ class Flowrra:
         self._service: BrokerService | None = None
         self._node: Node | None = None
         self._background: list[asyncio.Task[None]] = []
+        # Where the embedded broker reads the time: a private hook for flowrra.testing, whose
+        # fixtures set a clock the test advances (retries and countdowns without waiting).
+        self._broker_clock: Callable[[], float] = time.time
 
     @classmethod
     def from_urls(cls, broker: str | None = None, **options: Any) -> Flowrra:
@@ -200,7 +203,13 @@ class Flowrra:
         hub = InprocHub(wakeup)
         config = BrokerConfig(data_dir=self.data_dir, durability=Durability(self.durability))
         store = open_store(config)
-        service = BrokerService(Broker(store, config, hub.publish_endpoint), hub, wakeup, store)
+        service = BrokerService(
+            Broker(store, config, hub.publish_endpoint),
+            hub,
+            wakeup,
+            store,
+            clock=self._broker_clock,
+        )
         self._service = service
         self._background.append(asyncio.create_task(service.run(), name="flowrra-broker"))
         await self._until(service.ready)
