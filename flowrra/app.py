@@ -334,7 +334,7 @@ class Flowrra:
         aware datetime) ends a task that has not started by then as EXPIRED.
         """
         check_priority(priority)
-        times = time_options(countdown, eta, expires)
+        times = time_options(countdown, eta, expires, self._broker_clock())
         spec = self.spec_for(task)
         client = self._connected()
         submission = self._submission(client, spec, args, kwargs, priority, task_id, times)
@@ -359,7 +359,7 @@ class Flowrra:
         ``countdown``, ``eta`` and ``expires`` apply to every call, as in :meth:`submit`.
         """
         check_priority(priority)
-        times = time_options(countdown, eta, expires)
+        times = time_options(countdown, eta, expires, self._broker_clock())
         spec = self.spec_for(task)
         client = self._connected()
         submissions = []
@@ -462,7 +462,7 @@ class Flowrra:
                 if not isinstance(one, Call):
                     raise TypeError(f"workflows take call(...) descriptions, not {one!r}")
                 check_priority(one.priority)
-                times = time_options(one.countdown, None, one.expires)
+                times = time_options(one.countdown, None, one.expires, self._broker_clock())
                 spec = self.spec_for(one.task)
                 sub = self._submission(
                     client, spec, one.args, dict(one.kwargs), one.priority, one.task_id, times
