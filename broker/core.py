@@ -346,6 +346,7 @@ class Broker:
         """The tick's writes could not be committed: refuse its submissions, drop the rest
         of its output, and rebuild the in-memory state from what the store really holds."""
         self.repo.end_tick()  # records changed in memory by the lost tick
+        self.workflows.discard()
         # A node sends an outcome once (again only after it registers again): keep the ones
         # this tick accepted and apply them again in the next tick.
         self._replay_outcomes.extend(self._uncommitted_outcomes)
@@ -888,6 +889,7 @@ class Broker:
                     self._schedule_retry(record, outcome.error, now)
             else:
                 self._finish(record, outcome.value, outcome.error, now, outcome.finished_at)
+        self.workflows.flush()
         if node is None:
             self.outbox.send(peer, Command.RECONNECT)
 
@@ -1103,6 +1105,7 @@ class Broker:
             # A scheduled or retrying task's timer finds it final and does nothing.
         error = ErrorInfo("TaskCancelled", "the task was cancelled", None)
         self._finish(record, None, error, now, status=TaskStatus.CANCELLED)
+        self.workflows.flush()
         log.info("task %s (%s) cancelled", task_id, record.name)
         return True
 
@@ -1149,6 +1152,7 @@ class Broker:
         if next_slot is not None and next_slot <= now:
             self.fire_schedules(now)
         self.dispatch(now)
+        self.workflows.flush()
         self._store_order()
         self.repo.end_tick()
         self._ticks += 1

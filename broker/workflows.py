@@ -64,9 +64,22 @@ class Workflows:
 
     def __init__(self, repo: TaskRepository) -> None:
         self.repo = repo
+        # Workflows changed since the last flush (decoded once, written once per batch of
+        # results: a 1,000-member chord is not re-encoded for every member).
+        self._open: dict[str, dict[str, Any]] = {}
 
     def get(self, workflow_id: str) -> dict[str, Any] | None:
-        return self.repo.get_workflow(workflow_id)
+        return self._open.get(workflow_id) or self.repo.get_workflow(workflow_id)
+
+    def flush(self) -> None:
+        """Write the workflows changed since the last flush (before the tick's commit)."""
+        for workflow in self._open.values():
+            self.repo.save_workflow(workflow)
+        self._open.clear()
+
+    def discard(self) -> None:
+        """Forget unwritten changes (the tick was rolled back)."""
+        self._open.clear()
 
     def create(
         self,
@@ -93,6 +106,7 @@ class Workflows:
             "kind": kind,
             "steps": [[sub.task_id for sub in step] for step in steps],
             "finished": {},  # task id -> final status, counted once per id
+            "succeeded": [0] * len(steps),  # successes counted per step
             "failed": None,  # the id of the member that ended the workflow early
         }
         for index, step in enumerate(steps):
@@ -115,16 +129,16 @@ class Workflows:
     ) -> None:
         """A member reached its final status: count it, and release or fail what follows."""
         assert record.workflow_id is not None
-        workflow = self.repo.get_workflow(record.workflow_id)
+        workflow = self.get(record.workflow_id)
         if workflow is None or record.task_id in workflow["finished"]:
             return  # counted already (or its workflow is gone)
+        self._open[workflow["id"]] = workflow  # written by the next flush
         workflow["finished"][record.task_id] = record.status.value
         steps: list[list[str]] = workflow["steps"]
-        later = [task_id for step in steps[record.step + 1 :] for task_id in step]
         if record.status is not TaskStatus.SUCCESS:
+            later = [task_id for step in steps[record.step + 1 :] for task_id in step]
             if workflow["failed"] is None and later:
                 workflow["failed"] = record.task_id
-                self.repo.save_workflow(workflow)
                 error = ErrorInfo(
                     "WorkflowError",
                     f"an earlier step of workflow {workflow['id']} did not succeed: task "
@@ -135,14 +149,12 @@ class Workflows:
                     waiting = self.repo.get(task_id)
                     if waiting is not None and waiting.status is TaskStatus.WAITING:
                         fail(waiting, error)
-                return
-            self.repo.save_workflow(workflow)
             return
-        self.repo.save_workflow(workflow)
+        workflow["succeeded"][record.step] += 1
         step = steps[record.step]
         if workflow["failed"] is not None or record.step + 1 >= len(steps):
             return
-        if any(workflow["finished"].get(task_id) != TaskStatus.SUCCESS.value for task_id in step):
+        if workflow["succeeded"][record.step] < len(step):
             return  # the step is not complete yet
         results = []
         for task_id in step:
@@ -161,7 +173,7 @@ class Workflows:
         """A member's place in its workflow: the workflow, its parents and its children."""
         if record.workflow_id is None:
             return None
-        workflow = self.repo.get_workflow(record.workflow_id)
+        workflow = self.get(record.workflow_id)
         if workflow is None:
             return None
         steps = workflow["steps"]
