@@ -183,6 +183,7 @@ class Broker:
         self._replay_after = 0.0
         # Ticks run so far, and workflow steps released in one, queued after its commit.
         self._ticks = 0
+        self._dispatch_after = 0.0  # after a restart: when dispatching may start
         self._held: list[tuple[int, TaskRecord]] = []
         # Items handled and reply bytes built in the current tick (see TICK_ITEMS).
         self.tick_items = 0
@@ -332,6 +333,11 @@ class Broker:
         if running:
             # Two liveness windows: time for every surviving node to notice and re-register.
             self._orphans_until = now + 2 * self.nodes.expiry_ms / 1000
+        if queued and not quiet:
+            # A queued task may have been dispatched just before the crash (dispatches leave
+            # before the commit): give the nodes one heartbeat interval to re-register and
+            # claim such attempts (see _adopt_lost_dispatch) before anything is dispatched.
+            self._dispatch_after = now + self.config.heartbeat_interval_ms / 1000
         if queued or running or retrying or scheduled:
             log.log(
                 logging.DEBUG if quiet else logging.INFO,
@@ -779,7 +785,7 @@ class Broker:
 
     def dispatch(self, now: float) -> None:
         """Hand queued tasks to nodes with free slots, one per node per round (fair spread)."""
-        if not len(self.queues):
+        if not len(self.queues) or now < self._dispatch_after:
             return
         nodes = self.nodes.with_credit()
         limits = self.limits
@@ -1170,6 +1176,8 @@ class Broker:
             wait = min(wait, self._replay_after - now)
         if self._held:
             wait = 0.0  # the next tick queues them
+        if now < self._dispatch_after and len(self.queues):
+            wait = min(wait, self._dispatch_after - now)
         if self.limits and len(self.queues):
             waiting = [n for n in self.limits.names if self.queues.has_work((n,))]
             opening = self.limits.next_opening(now, waiting)

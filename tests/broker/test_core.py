@@ -806,6 +806,8 @@ def test_recover_after_reopening_the_store(tmp_path: Path) -> None:
 
     h2.ready(NODE_B, async_slots=5)
     h2.tick()
+    assert h2.dispatched() == {}  # nodes get a heartbeat interval to claim lost dispatches
+    h2.advance(INTERVAL_MS / 1000, heartbeats=(NODE_B,))
     assert ids(h2.dispatched()[NODE_B]) == ["queued"]
     h2.result(NODE_B, "queued", 1, "ok")
 
@@ -834,7 +836,7 @@ def test_recover_restores_order_counter_and_requeues_pending(tmp_path: Path) -> 
     h2.broker.recover(h2.now)
     h2.submit(submission("c"))
     h2.ready(NODE_A, async_slots=3)
-    h2.tick()
+    h2.advance(INTERVAL_MS / 1000, heartbeats=(NODE_A,))  # past the post-restart hold
     assert ids(h2.dispatched()[NODE_A]) == ["a", "b", "c"]  # new work after the old
     h2.broker.store.close()
 
