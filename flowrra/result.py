@@ -10,7 +10,8 @@ from flowrra.progress import Progress
 from flowrra.protocol import TaskStatus, unpack_value
 
 
-def _when(timestamp: float | None) -> dt.datetime | None:
+def when_utc(timestamp: float | None) -> dt.datetime | None:
+    """A Unix time as a timezone-aware datetime in UTC (None stays None)."""
     return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
 
@@ -53,9 +54,9 @@ class TaskResult:
             error=record["error"],
             traceback=record["traceback"],
             retries=record["retries"],
-            submitted_at=_when(record["submitted_at"]),
-            started_at=_when(record["started_at"]),
-            finished_at=_when(record["finished_at"]),
-            eta=_when(record["eta"]),
+            submitted_at=when_utc(record["submitted_at"]),
+            started_at=when_utc(record["started_at"]),
+            finished_at=when_utc(record["finished_at"]),
+            eta=when_utc(record["eta"]),
             progress=None if record["progress"] is None else Progress(*record["progress"]),
         )

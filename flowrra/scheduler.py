@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowrra import protocol
+from flowrra.result import when_utc
 from flowrra.schedules import CatchUp, ScheduleType, Timetable, schedule_id
 from flowrra.task import TaskSpec, aware_timestamp, make_spec
-
-
-def _when(timestamp: float | None) -> dt.datetime | None:
-    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +52,12 @@ class ScheduledTask:
             id=stored["id"],
             task_name=stored["task_name"],
             schedule_type=kind,
-            schedule=(_when(schedule) or schedule) if kind is ScheduleType.ONCE else schedule,
+            schedule=(when_utc(schedule) or schedule) if kind is ScheduleType.ONCE else schedule,
             args=args,
             kwargs=kwargs,
             enabled=stored["enabled"],
-            last_run_at=_when(stored["last_run_at"]),
-            next_run_at=_when(stored["next_run_at"]),
+            last_run_at=when_utc(stored["last_run_at"]),
+            next_run_at=when_utc(stored["next_run_at"]),
             description=stored["description"],
             max_retries=stored["max_retries"],
             retry_delay=stored["retry_delay"],

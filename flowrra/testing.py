@@ -113,19 +113,8 @@ def embedded_copy(app: Flowrra | str, *, clock: Clock | None = None, **options: 
     ``processes=0``); with ``clock`` its broker reads that :class:`Clock`. The copy submits
     the same decorated functions (``await copy.submit(send_email, ...)``) and task names.
     """
-    source = load_app(app)
     copy = Flowrra.from_urls(**options)
-    for spec in source.tasks.values():
-        copy.task(
-            name=spec.name,
-            max_retries=spec.max_retries,
-            retry_delay=spec.retry_delay,
-            priority=spec.priority,
-            cpu_bound=spec.cpu_bound,
-            timeout=spec.timeout,
-            rate_limit=spec.rate_limit,
-            max_concurrency=spec.max_concurrency,
-        )(spec.fn)
+    copy_tasks(load_app(app), copy)
     if clock is not None:
         clock.attach(copy)
     return copy
@@ -240,3 +229,18 @@ def _app_fixture() -> Any:
 
 
 flowrra_app = _app_fixture()
+
+
+def copy_tasks(source: Flowrra, target: Flowrra) -> None:
+    """Register every task of ``source`` on ``target``, with the same options."""
+    for spec in source.tasks.values():
+        target.task(
+            name=spec.name,
+            max_retries=spec.max_retries,
+            retry_delay=spec.retry_delay,
+            priority=spec.priority,
+            cpu_bound=spec.cpu_bound,
+            timeout=spec.timeout,
+            rate_limit=spec.rate_limit,
+            max_concurrency=spec.max_concurrency,
+        )(spec.fn)

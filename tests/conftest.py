@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 
 from flowrra import Flowrra
+from flowrra.testing import copy_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -475,26 +476,14 @@ def remote_twin(app: Flowrra, broker: BrokerProcess | str, **options: Any) -> Fl
     """
     url = broker if isinstance(broker, str) else broker.url
     twin = Flowrra.from_urls(broker=url, **options)
-    _copy_tasks(app, twin)
+    copy_tasks(app, twin)
     return twin
-
-
-def _copy_tasks(app: Flowrra, twin: Flowrra) -> None:
-    for spec in app.tasks.values():
-        twin.task(
-            name=spec.name,
-            max_retries=spec.max_retries,
-            retry_delay=spec.retry_delay,
-            priority=spec.priority,
-            cpu_bound=spec.cpu_bound,
-            timeout=spec.timeout,
-        )(spec.fn)
 
 
 def embedded_twin(app: Flowrra, **options: Any) -> Flowrra:
     """A fresh embedded app with ``app``'s registrations (e.g. with other ``processes``)."""
     twin = Flowrra.from_urls(**options)
-    _copy_tasks(app, twin)
+    copy_tasks(app, twin)
     return twin
 
 
