@@ -6,18 +6,8 @@ import pytest
 
 from flowrra import Flowrra, FlowrraError, TaskStatus
 from tests.apps import failures
-from tests.conftest import BrokerProcess, Launcher, embedded_twin, remote_twin
 
 APP = "tests.apps.failures:app"
-
-
-@pytest.fixture(params=["embedded", "remote"])
-def app(request: pytest.FixtureRequest, launcher: Launcher) -> Flowrra:
-    if request.param == "embedded":
-        return embedded_twin(failures.app, processes=1)
-    broker: BrokerProcess = launcher.broker()
-    launcher.node(broker, APP, processes=1)
-    return remote_twin(failures.app, broker)
 
 
 @pytest.mark.parametrize("task", [failures.progress_steps, failures.cpu_progress_steps])

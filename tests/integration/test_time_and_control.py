@@ -11,18 +11,9 @@ import pytest
 from flowrra import Flowrra, TaskStatus
 from flowrra.errors import TaskNotFoundError
 from tests.apps import failures
-from tests.conftest import BrokerProcess, Launcher, embedded_twin, remote_twin, wait_for_glob
+from tests.conftest import wait_for_glob
 
 APP = "tests.apps.failures:app"
-
-
-@pytest.fixture(params=["embedded", "remote"])
-def app(request: pytest.FixtureRequest, launcher: Launcher) -> Flowrra:
-    if request.param == "embedded":
-        return embedded_twin(failures.app, processes=1)
-    broker: BrokerProcess = launcher.broker()
-    launcher.node(broker, APP, processes=1)
-    return remote_twin(failures.app, broker)
 
 
 async def test_a_countdown_holds_the_task_scheduled_until_due(app: Flowrra) -> None:
