@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from broker.queues import TaskQueues
-from broker.records import Attempt, TaskRecord
-from broker.registry import Lease, NodeState
-from broker.scheduling import Schedules
-from broker.timers import Timers
-from broker.workflows import Workflows
+from flowrra.broker.queues import TaskQueues
+from flowrra.broker.records import Attempt, TaskRecord
+from flowrra.broker.registry import Lease, NodeState
+from flowrra.broker.scheduling import Schedules
+from flowrra.broker.timers import Timers
+from flowrra.broker.workflows import Workflows
 from flowrra.errors import AdminError
 from flowrra.protocol import SlotKind
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import click
 import zmq
 
-from broker.config import BrokerConfig
-from broker.core import Broker
-from broker.security import BrokerAccess
-from broker.server import BrokerService, open_store
-from broker.store import Durability
+from flowrra.broker.config import BrokerConfig
+from flowrra.broker.core import Broker
+from flowrra.broker.security import BrokerAccess
+from flowrra.broker.server import BrokerService, open_store
+from flowrra.broker.store import Durability
 from flowrra.exitcodes import ExitCode
 from flowrra.logs import configure_logging
 from flowrra.options import log_options
@@ -23,7 +23,7 @@ from flowrra.runner import run
 from flowrra.transport import Wakeup, ZmqBrokerEndpoint
 
 if TYPE_CHECKING:
-    from broker.metrics import BrokerMetrics
+    from flowrra.broker.metrics import BrokerMetrics
 
 log = logging.getLogger("flowrra.broker")
 
@@ -86,7 +86,7 @@ def metrics_host(bind: str) -> str:
 def _start_metrics(bind: str, host: str | None, port: int) -> BrokerMetrics:
     """Serve /metrics on host:port (exits with a clear message if that is impossible)."""
     try:
-        from broker.metrics import BrokerMetrics
+        from flowrra.broker.metrics import BrokerMetrics
     except ImportError as exc:
         log.error(
             "--metrics-port needs the prometheus_client package (%s): %s", exc, METRICS_EXTRA_HINT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.store import Durability
+from flowrra.broker.store import Durability
 from flowrra.protocol import (
     DEFAULT_BROKER_URL,
     HEARTBEAT_INTERVAL_MS,

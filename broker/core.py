@@ -1,8 +1,8 @@
 """The broker's state machine: requests in, replies and dispatches out. No sockets here.
 
-:class:`Broker` is driven by :mod:`broker.server`, which feeds it the messages drained in one
-loop tick, calls :meth:`Broker.tick`, commits the store once and only then sends what the
-broker put in its :class:`Outbox`. Methods are verbs on the broker's state, after Majordomo
+:class:`Broker` is driven by :mod:`flowrra.broker.server`, which feeds it the messages drained
+in one loop tick, calls :meth:`Broker.tick`, commits the store once and only then sends
+what the broker put in its :class:`Outbox`. Methods are verbs on the broker's state, after Majordomo
 (``register_node``, ``dispatch``, ``purge_nodes``, ``send_heartbeats``).
 """
 
@@ -15,19 +15,19 @@ import uuid
 from collections import defaultdict
 from typing import Any, Protocol
 
-from broker import admin
-from broker.config import BrokerConfig
-from broker.limits import Limits
-from broker.queues import TaskQueues
-from broker.records import Attempt, TaskRecord
-from broker.registry import Lease, NodeRegistry, NodeState
-from broker.repository import TaskRepository
-from broker.scheduling import Schedules
-from broker.store import Store
-from broker.timers import Timers, backoff_s
-from broker.workflows import Workflows
-from broker.workflows import validate as validate_workflow
 from flowrra import protocol
+from flowrra.broker import admin
+from flowrra.broker.config import BrokerConfig
+from flowrra.broker.limits import Limits
+from flowrra.broker.queues import TaskQueues
+from flowrra.broker.records import Attempt, TaskRecord
+from flowrra.broker.registry import Lease, NodeRegistry, NodeState
+from flowrra.broker.repository import TaskRepository
+from flowrra.broker.scheduling import Schedules
+from flowrra.broker.store import Store
+from flowrra.broker.timers import Timers, backoff_s
+from flowrra.broker.workflows import Workflows
+from flowrra.broker.workflows import validate as validate_workflow
 from flowrra.errors import AdminError, ProtocolError
 from flowrra.protocol import (
     Command,

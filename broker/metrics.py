@@ -1,7 +1,8 @@
 """Prometheus metrics for ``flowrra-broker --metrics-port`` (the optional ``metrics`` extra).
 
-:class:`BrokerMetrics` is a :class:`broker.core.BrokerObserver`: the broker's loop calls it on
-every task event, and it keeps per-task-name counters and histograms in a registry of its own.
+:class:`BrokerMetrics` is a :class:`flowrra.broker.core.BrokerObserver`: the broker's loop
+calls it on every task event, and it keeps per-task-name counters and histograms in a
+registry of its own.
 Gauges (queue depths, tasks in flight, nodes and their free slots, retry timers) are read from
 the broker's state when Prometheus scrapes, on the HTTP server's thread: that state is only
 read there, copied defensively, and the store (not thread safe) is never touched.
@@ -22,7 +23,7 @@ from prometheus_client.registry import Collector
 from flowrra.protocol import SlotKind, TaskStatus
 
 if TYPE_CHECKING:
-    from broker.core import Broker
+    from flowrra.broker.core import Broker
 
 log = logging.getLogger("flowrra.broker")
 

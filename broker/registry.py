@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from broker.records import TaskRecord
+from flowrra.broker.records import TaskRecord
 from flowrra.protocol import NodeReady, SlotKind
 
 

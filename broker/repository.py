@@ -32,8 +32,8 @@ from typing import Any
 
 import msgpack
 
-from broker.records import Attempt, TaskRecord, decode_attempt, encode_attempt
-from broker.store import Store, Table
+from flowrra.broker.records import Attempt, TaskRecord, decode_attempt, encode_attempt
+from flowrra.broker.store import Store, Table
 from flowrra.errors import FlowrraError
 
 _U64 = struct.Struct(">Q")

@@ -3,7 +3,7 @@
 There is no beat process and no lock: the broker is the one writer. Each slot's task id is
 deterministic (the schedule id and the slot time) and the task is written in the same commit
 as the schedule's next slot, so a broker killed at any moment neither loses nor doubles a run.
-Pure logic over the repository, with the time passed in; :class:`broker.core.Broker` owns
+Pure logic over the repository, with the time passed in; :class:`flowrra.broker.core.Broker` owns
 one :class:`Schedules` and creates the tasks it asks for.
 """
 
@@ -14,9 +14,9 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from broker.records import TaskRecord
-from broker.repository import TaskRepository
 from flowrra import protocol
+from flowrra.broker.records import TaskRecord
+from flowrra.broker.repository import TaskRepository
 from flowrra.errors import AdminError
 from flowrra.schedules import (
     MAX_SLOTS_PER_FIRE,

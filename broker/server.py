@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from broker.config import BrokerConfig
-from broker.core import Broker
-from broker.store import Durability, LmdbStore, MemoryStore, Store, StoreError
+from flowrra.broker.config import BrokerConfig
+from flowrra.broker.core import Broker
+from flowrra.broker.store import Durability, LmdbStore, MemoryStore, Store, StoreError
 from flowrra.transport import BrokerEndpoint, Wakeup
 
 log = logging.getLogger("flowrra.broker")

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from broker.records import TaskRecord
-from broker.repository import TaskRepository
 from flowrra import protocol
+from flowrra.broker.records import TaskRecord
+from flowrra.broker.repository import TaskRepository
 from flowrra.errors import AdminError
 from flowrra.protocol import ErrorInfo, TaskStatus
 

@@ -24,8 +24,8 @@ from flowrra.transport import InprocHub, Wakeup, ZmqConnector
 from flowrra.workflow import Call
 
 if TYPE_CHECKING:
-    from broker.server import BrokerService
-    from node.worker import Node
+    from flowrra.broker.server import BrokerService
+    from flowrra.node.worker import Node
 
 log = logging.getLogger("flowrra")
 
@@ -193,11 +193,11 @@ class Flowrra:
         self._client = client
 
     async def _start_embedded(self) -> InprocHub:
-        from broker.config import BrokerConfig
-        from broker.core import Broker
-        from broker.server import BrokerService, open_store
-        from broker.store import Durability
-        from node.worker import Node
+        from flowrra.broker.config import BrokerConfig
+        from flowrra.broker.core import Broker
+        from flowrra.broker.server import BrokerService, open_store
+        from flowrra.broker.store import Durability
+        from flowrra.node.worker import Node
 
         wakeup = Wakeup()
         hub = InprocHub(wakeup)

@@ -958,7 +958,7 @@ def backup(data_dir: str, destination: str) -> None:
 
     Safe while the broker runs. To restore, start a broker with --data-dir DESTINATION.
     """
-    from broker.store import backup as backup_store
+    from flowrra.broker.store import backup as backup_store
 
     try:
         size = backup_store(data_dir, destination)

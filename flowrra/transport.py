@@ -204,7 +204,7 @@ class BrokerEndpoint(Protocol):
 
 
 class ServerSecurity(Protocol):
-    """CURVE on the broker's sockets (implemented by ``broker.security.BrokerAccess``)."""
+    """CURVE on the broker's sockets (implemented by ``flowrra.broker.security.BrokerAccess``)."""
 
     def apply(self, socket: zmq.Socket[bytes]) -> None: ...
     def start(self, context: zmq.Context[Any]) -> None: ...

@@ -2,7 +2,7 @@
 
 ``call(task, *args, **kwargs)`` describes one call; ``app.chain``, ``app.group`` and
 ``app.chord`` send several as one workflow that the broker keeps (see
-:mod:`broker.workflows`). A list (or tuple) of calls inside a chain is a group.
+:mod:`flowrra.broker.workflows`). A list (or tuple) of calls inside a chain is a group.
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ from flowrra import protocol
 from flowrra.app import Flowrra
 from flowrra.exitcodes import ExitCode
 from flowrra.logs import configure_logging
+from flowrra.node.worker import Node
 from flowrra.options import curve_client_options, log_options
 from flowrra.runner import run
 from flowrra.security import client_keys
 from flowrra.transport import ZmqConnector
-from node.worker import Node
 
 log = logging.getLogger("flowrra.node")
 

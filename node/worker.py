@@ -23,12 +23,12 @@ from typing import Any
 
 from flowrra import protocol
 from flowrra.errors import ProtocolError, RemoteTaskError, TaskTimeoutError
+from flowrra.node.heartbeat import HeartbeatThread
+from flowrra.node.process_pool import FunctionRef, ProcessPool
 from flowrra.progress import PROGRESS_INTERVAL_S, Progress, Throttle, current_sink
 from flowrra.protocol import Command, Dispatch, ErrorInfo, Outcome, SlotKind
 from flowrra.task import TaskSpec
 from flowrra.transport import Connector, Link, Wakeup, ZmqConnector
-from node.heartbeat import HeartbeatThread
-from node.process_pool import FunctionRef, ProcessPool
 
 log = logging.getLogger("flowrra.node")
 

@@ -906,7 +906,7 @@ class Remote:
             bind_port, publish_port = free_ports(2)
             self.url = f"tcp://{HOST}:{bind_port}"
             broker_argv = [
-                *console_script("flowrra-broker", "broker.cli"),
+                *console_script("flowrra-broker", "flowrra.broker.cli"),
                 "--bind",
                 self.url,
                 "--publish",
@@ -917,7 +917,7 @@ class Remote:
                 self.durability,
             ]
             node_argv = [
-                *console_script("flowrra-node", "node.cli"),
+                *console_script("flowrra-node", "flowrra.node.cli"),
                 "--app",
                 "bench_app:app",
                 "--broker",

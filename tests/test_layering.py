@@ -9,19 +9,27 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("flowrra", "broker", "node")
+# Repository folder -> the installed package it becomes (flowrra/broker and flowrra/node are
+# symlinks to the top-level folders, so there is one copy of each file).
+PACKAGES = {"flowrra": "flowrra", "broker": "flowrra.broker", "node": "flowrra.node"}
 
 # What each layer may import from the project (its own modules, and the layers below).
 WIRE = {"flowrra.protocol", "flowrra.errors"}
 TRANSPORT = {"flowrra.transport", "flowrra.security"}
-APP_AND_CLI = {"flowrra.app", "flowrra.cli", "flowrra.dashboard", "broker.cli", "node.cli"}
+APP_AND_CLI = {
+    "flowrra.app",
+    "flowrra.cli",
+    "flowrra.dashboard",
+    "flowrra.broker.cli",
+    "flowrra.node.cli",
+}
 
 
 def modules() -> dict[str, Path]:
     found = {}
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+    for folder, package in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = (package, *path.relative_to(ROOT / folder).with_suffix("").parts)
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             found[name] = path
     return found
@@ -85,3 +93,32 @@ def test_layering_runs_one_way() -> None:
         if source != "flowrra" and target != "flowrra" and layer(target) > layer(source)
     ]
     assert wrong == []
+
+
+def test_nothing_imports_the_bare_top_level_folders() -> None:
+    """``broker`` and ``node`` are only ever imported as ``flowrra.broker`` and ``flowrra.node``.
+
+    The bare names would load a second copy of each module (and are not installed at all).
+    """
+    bare = []
+    for folder in ("flowrra", "broker", "node", "tests", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names: list[str] = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                bare += [
+                    f"{path.relative_to(ROOT)}: {name}"
+                    for name in names
+                    if name.split(".")[0] in ("broker", "node")
+                ]
+    assert bare == []
+
+
+def test_the_namespace_symlinks_point_at_the_top_level_folders() -> None:
+    for folder in ("broker", "node"):
+        link = ROOT / "flowrra" / folder
+        assert link.is_symlink(), f"flowrra/{folder} must be a symlink to ../{folder}"
+        assert link.resolve() == (ROOT / folder).resolve()

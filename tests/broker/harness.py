@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.config import BrokerConfig
-from broker.core import Broker
-from broker.records import TaskRecord
-from broker.store import MemoryStore, Store
+from flowrra.broker.config import BrokerConfig
+from flowrra.broker.core import Broker
+from flowrra.broker.records import TaskRecord
+from flowrra.broker.store import MemoryStore, Store
 from flowrra.protocol import (
     Command,
     Dispatch,

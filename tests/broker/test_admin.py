@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from broker.store import Table
+from flowrra.broker.store import Table
 from flowrra.protocol import Command, SlotKind, TaskStatus, decode, parse_admin_reply
 from tests.broker.harness import CLIENT, NODE_A, Harness, ids, submission
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.store import LmdbStore, Table
-from broker.timers import MAX_BACKOFF_S
+from flowrra.broker.store import LmdbStore, Table
+from flowrra.broker.timers import MAX_BACKOFF_S
 from flowrra.protocol import (
     ACK_CONFLICT,
     HEADER,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.limits import Limits
 from flowrra import Flowrra
+from flowrra.broker.limits import Limits
 from flowrra.protocol import TaskLimits
 from tests.broker.harness import NODE_A, NODE_B, T0, Harness, ids, submission
 

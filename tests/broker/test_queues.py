@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.queues import MAX_PRIORITY, MIN_PRIORITY, TaskQueues, queue_key, split_key
+from flowrra.broker.queues import MAX_PRIORITY, MIN_PRIORITY, TaskQueues, queue_key, split_key
 
 
 def drain(queues: TaskQueues, names: list[str]) -> list[int]:

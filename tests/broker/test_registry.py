@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.registry import NodeRegistry
+from flowrra.broker.registry import NodeRegistry
 from flowrra.protocol import NodeReady, SlotKind
 
 INTERVAL = 1000

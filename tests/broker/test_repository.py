@@ -7,9 +7,9 @@ from pathlib import Path
 
 import msgpack
 
-from broker.records import Attempt, TaskRecord
-from broker.repository import STORE_FORMAT, TaskRepository
-from broker.store import LmdbStore, MemoryStore, Table
+from flowrra.broker.records import Attempt, TaskRecord
+from flowrra.broker.repository import STORE_FORMAT, TaskRepository
+from flowrra.broker.store import LmdbStore, MemoryStore, Table
 from flowrra.protocol import TaskStatus, pack_args
 from tests.broker.harness import NODE_A, Harness, submission
 

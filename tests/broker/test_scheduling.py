@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from broker.store import LmdbStore
+from flowrra.broker.store import LmdbStore
 from flowrra.protocol import TaskStatus, pack_args
 from flowrra.schedules import slot_task_id
 from tests.broker.harness import NODE_A, T0, Harness

@@ -1,8 +1,8 @@
 """A stateful fuzz test of the broker core: random runs of clients, nodes, clock and crashes.
 
-A hypothesis :class:`RuleBasedStateMachine` drives :class:`broker.core.Broker` over a
-:class:`MemoryStore` with an injected clock, as :mod:`broker.server` does: every step handles
-its messages, calls ``tick``, sends the dispatches, commits the store and only then delivers
+A hypothesis :class:`RuleBasedStateMachine` drives :class:`flowrra.broker.core.Broker` over a
+:class:`MemoryStore` with an injected clock, as :mod:`flowrra.broker.server` does: every step
+handles its messages, calls ``tick``, sends the dispatches, commits the store and only then delivers
 the rest of the outbox. Steps are submits (new ids, and idempotent resubmits of the same
 call), node registrations (READY, also after a reconnect or a node restart), results from the
 lease holder, results a node still believes it owes, hostile RESULTS (from a peer that does not
@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from broker.config import BrokerConfig
-from broker.core import Broker
-from broker.registry import Lease
-from broker.store import MemoryStore, Table
+from flowrra.broker.config import BrokerConfig
+from flowrra.broker.core import Broker
+from flowrra.broker.registry import Lease
+from flowrra.broker.store import MemoryStore, Table
 from flowrra.protocol import (
     Command,
     ErrorInfo,

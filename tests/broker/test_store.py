@@ -9,7 +9,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from broker.store import Durability, LmdbStore, MemoryStore, Store, Table
+from flowrra.broker.store import Durability, LmdbStore, MemoryStore, Store, Table
 
 MakeStore = Callable[[], Store]
 

@@ -19,10 +19,11 @@ from typing import Any
 import lmdb
 import pytest
 
-import broker.server
-import broker.store
-from broker.config import BrokerConfig
-from broker.store import (
+import flowrra.broker.server
+import flowrra.broker.store
+from flowrra import Flowrra
+from flowrra.broker.config import BrokerConfig
+from flowrra.broker.store import (
     Durability,
     LmdbStore,
     MemoryStore,
@@ -31,7 +32,6 @@ from broker.store import (
     StoreFullError,
     Table,
 )
-from flowrra import Flowrra
 from flowrra.errors import FlowrraError, SubmitRejected
 from flowrra.protocol import Command, TaskStatus, parse_ack
 from tests.broker.harness import NODE_A, Harness, submission
@@ -141,7 +141,9 @@ def lmdb_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fault
 def test_store_errors_are_flowrra_errors() -> None:
     assert issubclass(StoreError, FlowrraError)
     assert issubclass(StoreFullError, StoreError)
-    assert broker.store.StoreFullError is StoreFullError  # still importable from broker.store
+    assert (
+        flowrra.broker.store.StoreFullError is StoreFullError
+    )  # still importable from flowrra.broker.store
 
 
 # --------------------------------------------------------------------------- the store
@@ -190,7 +192,7 @@ def test_eio_on_a_nearly_full_disk_is_a_full_disk(
     lmdb_store: FaultyLmdbStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A short write on a nearly full file system comes back from LMDB as EIO, not ENOSPC.
-    monkeypatch.setattr(broker.store, "_free_bytes", lambda path: 12 * 1024)
+    monkeypatch.setattr(flowrra.broker.store, "_free_bytes", lambda path: 12 * 1024)
     lmdb_store.fault = EIO
     lmdb_store.put(Table.TASKS, b"k", b"v" * 50_000)
     with pytest.raises(StoreFullError, match=r"is full: mdb_txn_commit: Input/output error"):
@@ -322,7 +324,7 @@ def _embedded(
     monkeypatch: pytest.MonkeyPatch, store: Store, data_dir: Path, durability: Durability
 ) -> Flowrra:
     """An embedded app (broker, node and client in this process) over ``store``."""
-    monkeypatch.setattr(broker.server, "open_store", lambda config: store)
+    monkeypatch.setattr(flowrra.broker.server, "open_store", lambda config: store)
     twin = Flowrra.from_urls(data_dir=str(data_dir), durability=durability.value)
     twin.task(max_retries=0)(echo)
     return twin
@@ -400,7 +402,7 @@ async def test_a_task_due_while_commits_fail_is_not_handed_out_on_every_tick(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = FaultyLmdbStore(tmp_path / "db", Durability.FAST)
-    monkeypatch.setattr(broker.server, "open_store", lambda config: store)
+    monkeypatch.setattr(flowrra.broker.server, "open_store", lambda config: store)
     twin = Flowrra.from_urls(data_dir=str(tmp_path / "db"))
     twin.task(max_retries=1, retry_delay=0.3)(flaky)
     FLAKY_ATTEMPTS.clear()
@@ -465,11 +467,11 @@ async def test_the_failure_is_logged_once_then_at_intervals_and_the_recovery_too
 
 
 def test_open_store_gives_the_lmdb_store_for_a_data_dir(tmp_path: Path) -> None:
-    store = broker.server.open_store(BrokerConfig(data_dir=str(tmp_path / "db")))
+    store = flowrra.broker.server.open_store(BrokerConfig(data_dir=str(tmp_path / "db")))
     try:
         assert isinstance(store, LmdbStore)
         store.put(Table.META, b"k", b"v")
         store.commit()
     finally:
         store.close()
-    assert isinstance(broker.server.open_store(BrokerConfig(data_dir=None)), MemoryStore)
+    assert isinstance(flowrra.broker.server.open_store(BrokerConfig(data_dir=None)), MemoryStore)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import BrokerConfig
-from broker.core import Broker
-from broker.server import BrokerService
-from broker.store import Durability, LmdbStore, Table
+from flowrra.broker.config import BrokerConfig
+from flowrra.broker.core import Broker
+from flowrra.broker.server import BrokerService
+from flowrra.broker.store import Durability, LmdbStore, Table
 from flowrra.client import BrokerClient
 from flowrra.errors import SubmitRejected
 from flowrra.protocol import Submission

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.timers import MAX_BACKOFF_S, Timers, backoff_s
+from flowrra.broker.timers import MAX_BACKOFF_S, Timers, backoff_s
 
 
 def test_backoff_doubles_from_the_retry_delay() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from broker.store import LmdbStore
+from flowrra.broker.store import LmdbStore
 from flowrra.protocol import TaskStatus, pack_args, unpack_args
 from tests.broker.harness import NODE_A, NODE_B, Harness, ids, submission
 from tests.broker.test_admin import admin

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.cli import metrics_host
-from broker.metrics import _snapshot
+from flowrra.broker.cli import metrics_host
+from flowrra.broker.metrics import _snapshot
 from flowrra.exitcodes import ExitCode
 from flowrra.protocol import TaskStatus
 from tests.cli import cliapp

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.store import Durability
 from flowrra import BrokerUnavailable, SubmitRejected
+from flowrra.broker.store import Durability
 from tests.apps import durable
 from tests.broker.test_store_faults import EIO, FaultyLmdbStore, _embedded, echo
 from tests.conftest import Launcher, remote_twin

@@ -17,8 +17,8 @@ import pytest
 import pytest_asyncio
 
 from flowrra.errors import RemoteTaskError, TaskTimeoutError, WorkerLostError
+from flowrra.node.process_pool import FunctionRef, ProcessPool, _resolve
 from flowrra.protocol import pack_args, unpack_value
-from node.process_pool import FunctionRef, ProcessPool, _resolve
 
 FUNCS = "tests.node.pool_funcs"
 
@@ -277,7 +277,7 @@ async def test_close_stops_every_worker(make_pool: MakePool) -> None:
 
 ORPHAN_SCRIPT = """
 import asyncio, os, signal
-from node.process_pool import ProcessPool
+from flowrra.node.process_pool import ProcessPool
 
 async def main():
     pool = ProcessPool(2)
