@@ -1,23 +1,29 @@
-"""Operator commands the broker answers on its one socket: status, inspect, purge, dead letters.
+"""Operator commands the broker answers on its one socket: status, inspect, purge, dead letters,
+the recent tasks and per-name figures.
 
 Each verb is a function of the broker's state that returns a msgpack-able value; they are
-cheap (no full scans except ``purge`` and ``dead_list``), so they never slow the task path.
+cheap (no full scans except ``purge`` and ``dead_list``; ``task_list`` and ``task_stats`` read
+the bounded in-memory window of :mod:`flowrra.broker.stats`), so they never slow the task path.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from flowrra.broker.queues import TaskQueues
 from flowrra.broker.records import Attempt, TaskRecord
 from flowrra.broker.registry import Lease, NodeState
 from flowrra.broker.scheduling import Schedules
+from flowrra.broker.stats import RUN_WINDOW, TaskStats
 from flowrra.broker.timers import Timers
 from flowrra.broker.workflows import Workflows
 from flowrra.errors import AdminError
-from flowrra.protocol import SlotKind
+from flowrra.protocol import SlotKind, TaskStatus
+
+# Most tasks one ``task_list`` reply carries.
+TASK_LIST_MAX = 1000
 
 
 class Rate(Protocol):
@@ -44,6 +50,8 @@ class Broker(Protocol):
     def counters(self) -> Mapping[str, int]: ...
     @property
     def finished_per_second(self) -> Rate: ...
+    @property
+    def observers(self) -> Sequence[object]: ...
 
     def view(self, task_id: str) -> TaskRecord | None: ...
     def history(self, task_id: str) -> list[Attempt]: ...
@@ -155,6 +163,9 @@ def dead_retry(broker: Broker, args: dict[str, Any], now: float) -> str:
     task_id = _task_id(args)
     if not broker.requeue_failed(task_id, now):
         raise AdminError(f"task {task_id} is not in the dead-letter list")
+    stats = _stats(broker)
+    if stats is not None:
+        stats.correct(task_id, TaskStatus.PENDING)
     return task_id
 
 
@@ -196,6 +207,91 @@ def workflow_get(broker: Broker, args: dict[str, Any], now: float) -> dict[str, 
     return broker.workflows.get(_schedule_id(args))
 
 
+def task_list(broker: Broker, args: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    """The tasks with the latest events since the broker started (submitted, started, retried
+    or finished; up to :data:`~flowrra.broker.stats.RECENT_TASKS` remembered), newest first:
+    of task ``name`` if given, with ``status`` (one status or a list) if given, up to
+    ``limit`` (default 50). Each is its record without the result and traceback, plus its
+    attempt number, node, priority and workflow."""
+    name = args.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise AdminError("name must be a task name")
+    statuses = _statuses(args.get("status"))
+    limit = _limit(args, 50, TASK_LIST_MAX)
+    stats = _stats(broker)
+    if stats is None:
+        return []
+    found: list[dict[str, Any]] = []
+    # The remembered status is that of the task's last event; the record decides (a dead
+    # letter queued again, a record expired). Fixed after the scan, which must not change it.
+    corrections: list[tuple[str, TaskStatus | None]] = []
+    for task_id in stats.recent(name=name, statuses=statuses):
+        record = broker.view(task_id)
+        if record is None or (statuses is not None and record.status not in statuses):
+            corrections.append((task_id, None if record is None else record.status))
+            continue
+        summary = record.public()
+        del summary["result"], summary["traceback"]
+        summary.update(
+            {
+                "has_result": record.result is not None,
+                "attempt": record.attempt,
+                "node_id": record.node_id,
+                "priority": record.priority,
+                "workflow_id": record.workflow_id,
+            }
+        )
+        found.append(summary)
+        if len(found) >= limit:
+            break
+    for task_id, status in corrections:
+        stats.correct(task_id, status)
+    return found
+
+
+def task_stats(broker: Broker, args: dict[str, Any], now: float) -> dict[str, Any]:
+    """Per task name (of ``name`` only, if given), since the broker started: how many were
+    submitted, started, retried and finished (by status), the failure rate (FAILED of the
+    finished) and the p50, p95 and maximum run time of the last ``run_window`` finished."""
+    name = args.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise AdminError("name must be a task name")
+    stats = _stats(broker)
+    return {
+        "since": broker.started_at,
+        "run_window": RUN_WINDOW,
+        "tasks": {} if stats is None else stats.figures(name),
+    }
+
+
+def _stats(broker: Broker) -> TaskStats | None:
+    """The broker's task statistics (the BrokerService adds them; a bare core has none)."""
+    for observer in broker.observers:
+        if isinstance(observer, TaskStats):
+            return observer
+    return None
+
+
+def _statuses(value: object) -> frozenset[TaskStatus] | None:
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names:
+        raise AdminError("status must be a task status or a list of them")
+    try:
+        return frozenset(TaskStatus(name) for name in names)
+    except ValueError:
+        known = ", ".join(s.value for s in TaskStatus)
+        raise AdminError(f"unknown task status in {value!r} (known: {known})") from None
+
+
+def _limit(args: dict[str, Any], default: int, most: int) -> int:
+    limit = args.get("limit", default)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= most:
+        raise AdminError(f"limit must be an integer from 1 to {most}")
+    return limit
+
+
 def _schedule_id(args: dict[str, Any]) -> str:
     schedule_id = args.get("id")
     if not isinstance(schedule_id, str) or not schedule_id:
@@ -216,6 +312,8 @@ VERBS: dict[str, Callable[[Broker, dict[str, Any], float], Any]] = {
     "tasks": tasks,
     "purge": purge,
     "dead_list": dead_list,
+    "task_list": task_list,
+    "task_stats": task_stats,
     "dead_retry": dead_retry,
     "cancel": cancel,
     "schedule_put": schedule_put,

@@ -116,12 +116,15 @@ class Outbox:
 
 
 class BrokerObserver(Protocol):
-    """Receives task events (for metrics); called on the broker's loop, so keep it cheap."""
+    """Receives task events (for metrics and broker/stats.py), each with the task's name and
+    id; called on the broker's loop, so keep it cheap."""
 
-    def submitted(self, name: str) -> None: ...
-    def started(self, name: str, queue_wait_s: float) -> None: ...
-    def retried(self, name: str) -> None: ...
-    def finished(self, name: str, status: TaskStatus, run_s: float | None) -> None: ...
+    def submitted(self, name: str, task_id: str) -> None: ...
+    def started(self, name: str, queue_wait_s: float, task_id: str) -> None: ...
+    def retried(self, name: str, task_id: str) -> None: ...
+    def finished(
+        self, name: str, status: TaskStatus, run_s: float | None, task_id: str
+    ) -> None: ...
 
 
 class RateWindow:
@@ -513,7 +516,7 @@ class Broker:
                 self._add(record, now)
                 self.counters["submitted"] += 1
                 for observer in self.observers:
-                    observer.submitted(record.name)
+                    observer.submitted(record.name, record.task_id)
             elif not stored.is_call_of(sub):
                 # The same id for another call: refusing it keeps one client (or a typo)
                 # from getting, or giving, another call's result.
@@ -824,7 +827,7 @@ class Broker:
         self.limits.started(record.name, now)
         for observer in self.observers:
             waited = time.time() - (record.queued_at or record.submitted_at)
-            observer.started(record.name, max(0.0, waited))
+            observer.started(record.name, max(0.0, waited), record.task_id)
         node.leases.add(task_id)
         node.free[kind] -= 1
         if self.watched:
@@ -931,7 +934,7 @@ class Broker:
         if self.watched:
             self._publish_to_watchers(record)
         for observer in self.observers:
-            observer.retried(record.name)
+            observer.retried(record.name, record.task_id)
         log.warning(
             "task %s (%s) failed with %s; retry %d of %d in %.1fs",
             record.task_id,
@@ -977,7 +980,7 @@ class Broker:
             if record.started_at is not None and finished_at is not None:
                 run_s = max(0.0, finished_at - record.started_at)
             for observer in self.observers:
-                observer.finished(record.name, record.status, run_s)
+                observer.finished(record.name, record.status, run_s, record.task_id)
         self.publish_result(record)
         if record.workflow_id is not None:
             self.workflows.finished(
@@ -1063,7 +1066,7 @@ class Broker:
             self._add(record, now)
             self.counters["scheduled_runs"] += 1
             for observer in self.observers:
-                observer.submitted(record.name)
+                observer.submitted(record.name, record.task_id)
 
         self.schedules.fire(now, start, self._take_order)
 

@@ -113,16 +113,16 @@ class BrokerMetrics:
             children = self._tasks[name] = _TaskMetrics(self, name)
         return children
 
-    def submitted(self, name: str) -> None:
+    def submitted(self, name: str, task_id: str) -> None:
         self._for(name).submitted.inc()
 
-    def started(self, name: str, queue_wait_s: float) -> None:
+    def started(self, name: str, queue_wait_s: float, task_id: str) -> None:
         self._for(name).queue_wait.observe(queue_wait_s)
 
-    def retried(self, name: str) -> None:
+    def retried(self, name: str, task_id: str) -> None:
         self._for(name).retried.inc()
 
-    def finished(self, name: str, status: TaskStatus, run_s: float | None) -> None:
+    def finished(self, name: str, status: TaskStatus, run_s: float | None, task_id: str) -> None:
         children = self._for(name)
         if status is TaskStatus.SUCCESS:
             children.succeeded.inc()

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flowrra.broker.config import BrokerConfig
 from flowrra.broker.core import Broker
+from flowrra.broker.stats import TaskStats
 from flowrra.broker.store import Durability, LmdbStore, MemoryStore, Store, StoreError
 from flowrra.transport import BrokerEndpoint, Wakeup
 
@@ -53,6 +54,8 @@ class BrokerService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.broker = broker
+        if not any(isinstance(o, TaskStats) for o in broker.observers):
+            broker.observers.append(TaskStats())  # for the task_stats and task_list verbs
         self.endpoint = endpoint
         self.wakeup = wakeup
         self.store = store
