@@ -45,7 +45,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -123,20 +122,6 @@ def latency_summary(seconds: list[float]) -> dict[str, float]:
         "mean_ms": sum(ms) / len(ms),
         "max_ms": max(ms),
     }
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (held together, then released)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _die_with_parent() -> None:
@@ -301,14 +286,6 @@ def python_env(extra_path: Path | None = SCRIPTS) -> dict[str, str]:
         )
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def console_script(name: str, module: str) -> list[str]:
-    """The venv's console script if it is there, else ``python -c 'from module import main'``."""
-    script = Path(sys.executable).parent / name
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", f"from {module} import main; main()"]
 
 
 class StepError(Exception):
@@ -812,7 +789,8 @@ class Profiler:
         self.exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self.running: list[tuple[str, Child, Path]] = []
 
-    def start(self, label: str, targets: dict[str, Child]) -> None:
+    def start(self, label: str, targets: dict[str, int]) -> None:
+        """Record each process of ``targets`` (name -> pid) until :meth:`stop`."""
         if self.out_dir is None:
             return
         if not Path(self.exe).exists():
@@ -820,7 +798,7 @@ class Profiler:
             self.out_dir = None
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for name, target in targets.items():
+        for name, pid in targets.items():
             path = self.out_dir / f"{label}-{name}.txt"
             spy = self.children.start(
                 f"py-spy {name}",
@@ -828,7 +806,7 @@ class Profiler:
                     self.exe,
                     "record",
                     "--pid",
-                    str(target.pid),
+                    str(pid),
                     "--rate",
                     "250",
                     "--nonblocking",
@@ -889,73 +867,63 @@ def summarize_profile(path: str, top: int = 15) -> list[tuple[str, float, float]
 
 
 class Remote:
-    """A ``flowrra-broker`` and a ``flowrra-node`` process on loopback."""
+    """A ``flowrra-broker`` and a ``flowrra-node`` process on loopback, started by the
+    project's launcher (``flowrra.processes``, imported here: the upstream role lacks it)."""
 
-    def __init__(self, children: Children, durability: str) -> None:
-        self.children = children
+    def __init__(self, durability: str) -> None:
+        from flowrra.processes import BrokerProcess, Launcher, NodeProcess
+
         self.durability = durability
-        self.data_dir = tempfile.mkdtemp(prefix=f"flowrra-bench-{durability}-")
-        self.broker: Child | None = None
-        self.node: Child | None = None
+        self.workdir = tempfile.mkdtemp(prefix=f"flowrra-bench-{durability}-")
+        self.launcher = Launcher(
+            self.workdir,
+            python_path=[SCRIPTS],
+            node_cwd=SCRIPTS,
+            durability=durability,
+            keep_lines=200,
+            die_with_parent=True,
+        )
+        self.broker: BrokerProcess | None = None
+        self.node: NodeProcess | None = None
         self.url = ""
         self.commands: list[list[str]] = []
 
     def start(self) -> None:
-        """Start both at once (the node's DEALER reconnects until the broker is up)."""
-        for attempt in range(3):  # a "free" port can be taken between probe and bind
-            bind_port, publish_port = free_ports(2)
-            self.url = f"tcp://{HOST}:{bind_port}"
-            broker_argv = [
-                *console_script("flowrra-broker", "flowrra.broker.cli"),
-                "--bind",
-                self.url,
-                "--publish",
-                f"tcp://{HOST}:{publish_port}",
-                "--data-dir",
-                self.data_dir,
-                "--durability",
-                self.durability,
-            ]
-            node_argv = [
-                *console_script("flowrra-node", "flowrra.node.cli"),
-                "--app",
+        from flowrra.processes import LaunchError
+
+        try:
+            self.broker = self.launcher.broker(timeout=20)
+        except LaunchError as exc:
+            raise StepError(f"broker did not start: {exc}") from None
+        self.url = self.broker.url
+        try:
+            self.node = self.launcher.node(
+                self.broker,
                 "bench_app:app",
-                "--broker",
-                self.url,
-                "--concurrency",
-                str(NODE_CONCURRENCY),
-                "--processes",
-                "2",
-            ]
-            broker = self.children.start(
-                f"broker-{self.durability}", broker_argv, env=python_env(None)
+                concurrency=NODE_CONCURRENCY,
+                processes=2,
+                timeout=30,
             )
-            node = self.children.start(
-                f"node-{self.durability}", node_argv, env=python_env(SCRIPTS), cwd=SCRIPTS
-            )
-            if broker.err.wait_for("broker listening on", 20) is None:
-                failure = broker.describe_failure()
-                self.children.stop(node)
-                self.children.stop(broker)
-                if attempt == 2:
-                    raise StepError(f"broker did not start: {failure}")
-                continue
-            self.broker, self.node = broker, node
-            self.commands = [broker_argv, node_argv]
-            if node.err.wait_for("registered with broker", 30) is None:
-                raise StepError(f"node did not register: {node.describe_failure()}")
-            return
+        except LaunchError as exc:
+            raise StepError(f"node did not register: {exc}") from None
+        self.commands = [self.broker.process.argv, self.node.process.argv]
+
+    def pids(self) -> dict[str, int]:
+        """The broker's and the node's process ids (each leads its own process group)."""
+        return {
+            name: started.pid
+            for name, started in (("broker", self.broker), ("node", self.node))
+            if started is not None
+        }
 
     def check_alive(self) -> None:
-        for child in (self.broker, self.node):
-            if child is not None and not child.alive():
-                raise StepError(f"{child.name} died: {child.describe_failure()}")
+        for started in (self.broker, self.node):
+            if started is not None and not started.process.running:
+                raise StepError(f"{started.process.name} died: {started.process.describe()}")
 
     def stop(self) -> None:
-        for child in (self.node, self.broker):
-            if child is not None:
-                self.children.stop(child)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.launcher.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 async def run_w4(
@@ -1041,7 +1009,7 @@ async def run_mode(
             app = bench_app.make_app(processes=2)
             out["setup"] = "Flowrra.from_urls(processes=2) in the bench process (in-memory store)"
         else:
-            remote = Remote(children, mode)
+            remote = Remote(mode)
             progress(f"{mode}: starting flowrra-broker --durability {mode} and flowrra-node")
             remote.start()
             out["commands"] = [" ".join(c) for c in remote.commands]
@@ -1075,8 +1043,7 @@ async def run_mode(
                 progress(f"{mode}: {name} ...")
                 cpu_before = _cpu_sample(remote)
                 if name in PROFILED_STEPS and remote is not None:
-                    assert remote.broker is not None and remote.node is not None
-                    profiler.start(f"{mode}-{name}", {"broker": remote.broker, "node": remote.node})
+                    profiler.start(f"{mode}-{name}", remote.pids())
                 try:
                     result = await asyncio.wait_for(make(), timeout)
                 except (StepError, TimeoutError, Exception) as exc:
@@ -1124,9 +1091,8 @@ async def run_mode(
 def _cpu_sample(remote: Remote | None) -> dict[str, float]:
     sample = {"client": time.process_time()}
     if remote is not None:
-        for name, child in (("broker", remote.broker), ("node", remote.node)):
-            if child is not None:
-                sample[name] = child.cpu_seconds()
+        for name, pid in remote.pids().items():
+            sample[name] = group_cpu_seconds(pid)
     return sample
 
 
