@@ -52,7 +52,7 @@ class Flowrra:
         request_timeout: float = 30.0,
         curve_server_key: str | None = None,
         curve_secret_key: str | None = None,
-        confirm_submits: bool = True,
+        confirm_submits: bool = False,
     ) -> None:
         _check_options(
             broker, data_dir, durability, concurrency, processes, connect_timeout, request_timeout
@@ -68,9 +68,10 @@ class Flowrra:
         self.request_timeout = request_timeout
         self.curve_server_key = curve_server_key
         self.curve_secret_key = curve_secret_key
-        # True: submit() returns once the broker has stored the task (strict, the default).
-        # False: once it is queued in this client, which keeps it until the broker confirms
-        # it (re-sending it after a broker restart); stop() waits for the confirmations.
+        # False (the default): submit() returns once the task is queued in this client, which
+        # keeps it until the broker confirms it is stored (re-sending it after a broker
+        # restart); stop() waits, bounded, for the confirmations. True: every submit() waits
+        # for its own confirmation (one broker round trip, and one fsync in full durability).
         self.confirm_submits = bool(confirm_submits)
         self._tasks: dict[str, TaskSpec] = {}
         self._by_function: dict[Callable[..., Any], TaskSpec] = {}
@@ -91,7 +92,8 @@ class Flowrra:
         ``durability``, ``concurrency`` and ``processes`` (the in-process node's slots).
         Client options: ``connect_timeout`` and ``request_timeout`` (seconds before
         :class:`~flowrra.errors.BrokerUnavailable`), and ``curve_server_key`` with
-        ``curve_secret_key`` (key files) for a broker that requires CURVE.
+        ``curve_secret_key`` (key files) for a broker that requires CURVE; ``confirm_submits``
+        (True: each ``submit()`` waits until the broker has stored the task).
         """
         return cls(broker, **options)
 
@@ -321,7 +323,14 @@ class Flowrra:
         expires: float | dt.datetime | None = None,
         **kwargs: Any,
     ) -> str:
-        """Queue one call of ``task``; returns its id once the broker has stored it.
+        """Queue one call of ``task`` and return its id.
+
+        By default the id comes back as soon as the call is queued in this client, which keeps
+        it until the broker confirms it is stored and sends it again after a broker restart
+        (so a broker crash neither loses nor doubles it); a refusal reaches the task's
+        :meth:`wait_for_result` as :class:`~flowrra.errors.SubmitRejected`, and :meth:`stop`
+        waits for the outstanding confirmations. With ``Flowrra(confirm_submits=True)`` every
+        submit returns only once the broker has stored the task (see :doc:`operations`).
 
         Arguments must be msgpack values (plus datetime and bytes); anything else raises
         :class:`~flowrra.errors.SerializationError` before anything is sent. ``priority``

@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from flowrra import protocol
@@ -276,9 +276,22 @@ class BrokerClient:
                 "they may not be stored"
             )
 
+    async def settled(self, task_ids: Iterable[str]) -> None:
+        """Wait (bounded by the request timeout) until the broker has answered the submits of
+        ``task_ids`` that returned without waiting, so that a query or a cancel sent right
+        after such a submit finds the task; a no-op for every other id."""
+        pending = {
+            wait.future
+            for task_id in task_ids
+            if (wait := self._acks.get(task_id)) is not None and not wait.future.done()
+        }
+        if pending:
+            await asyncio.wait(pending, timeout=self.request_timeout_s)
+
     async def get(self, task_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """The broker's stored records for ``task_ids`` (None for unknown ids)."""
         self._check_open()
+        await self.settled(task_ids)
         future = self._request_state(task_ids)
         try:
             found: dict[str, dict[str, Any]] = await self._bounded(future, "answer a state query")
@@ -296,6 +309,8 @@ class BrokerClient:
         request timeout instead.
         """
         self._check_open()
+        if isinstance(args.get("task_id"), str):
+            await self.settled([args["task_id"]])  # a cancel or inspect right after submit
         assert self._link is not None
         request_id = next(self._request_ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

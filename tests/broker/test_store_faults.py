@@ -323,9 +323,12 @@ async def echo(value: str) -> str:
 def _embedded(
     monkeypatch: pytest.MonkeyPatch, store: Store, data_dir: Path, durability: Durability
 ) -> Flowrra:
-    """An embedded app (broker, node and client in this process) over ``store``."""
+    """An embedded app (broker, node and client in this process) over ``store``, whose
+    submits wait for the broker's confirmation (a refusal is raised by ``submit()``)."""
     monkeypatch.setattr(flowrra.broker.server, "open_store", lambda config: store)
-    twin = Flowrra.from_urls(data_dir=str(data_dir), durability=durability.value)
+    twin = Flowrra.from_urls(
+        data_dir=str(data_dir), durability=durability.value, confirm_submits=True
+    )
     twin.task(max_retries=0)(echo)
     return twin
 

@@ -72,7 +72,8 @@ async def test_a_full_disk_refuses_submits_and_the_broker_recovers_when_space_is
     start_node(broker, "tests.apps.failures:app")
     payload = os.urandom(PAYLOAD_BYTES)
     accepted: list[str] = []
-    async with remote_twin(failures.app, broker) as client:
+    # Strict submits, so that the refusal is raised by the submit that met the full disk.
+    async with remote_twin(failures.app, broker, confirm_submits=True) as client:
         refused: SubmitRejected | None = None
         for _ in range(MAX_SUBMITS):
             try:

@@ -27,7 +27,10 @@ async def test_requests_to_a_killed_broker_fail_after_the_request_timeout(
     launcher: Launcher,
 ) -> None:
     broker = launcher.broker()
-    async with remote_twin(failures.app, broker, request_timeout=2) as client:
+    # Strict submits: each one waits for the broker (the default's deferred confirmations
+    # are covered by tests/durability/test_deferred_confirm.py).
+    client = remote_twin(failures.app, broker, request_timeout=2, confirm_submits=True)
+    async with client:
         task_id = await client.submit(failures.ping, 1)  # connected, and the broker answers
         broker.process.kill9()
         started = time.monotonic()
