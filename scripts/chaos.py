@@ -1,6 +1,6 @@
 """Chaos test: kill -9 and restart the broker at random moments while work flows.
 
-    python scripts/chaos.py [--restarts 20] [--nodes 2] [--seed N]
+    python scripts/chaos.py [--restarts 20] [--nodes 2] [--seed N] [--keep]
 
 A client keeps submitting small batches and two nodes keep working while the broker
 (``--durability full``) is SIGKILLed and restarted on the same ports and data directory at
@@ -13,99 +13,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from flowrra import Flowrra, TaskStatus
+from flowrra.processes import BrokerProcess, Launcher
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+APP = "tests.apps.durable:app"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Cluster:
-    """One broker (restartable on the same ports and data) and some nodes."""
-
-    def __init__(self, workdir: Path, nodes: int) -> None:
-        self.workdir = workdir
-        self.port, self.publish_port = free_port(), free_port()
-        self.data_dir = workdir / "data"
-        self.log = open(workdir / "processes.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.broker: subprocess.Popen[bytes] | None = None
-        self.nodes: list[subprocess.Popen[bytes]] = []
-        self.node_count = nodes
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    @property
-    def url(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
-
-    def start_broker(self) -> None:
-        self.broker = subprocess.Popen(
-            [
-                str(BIN / "flowrra-broker"),
-                f"--bind=tcp://127.0.0.1:{self.port}",
-                f"--publish=tcp://127.0.0.1:{self.publish_port}",
-                f"--data-dir={self.data_dir}",
-                "--durability=full",
-                "--heartbeat-ms=200",
-                "--liveness=3",
-                "--log-level=WARNING",
-            ],
-            stdout=self.log,
-            stderr=self.log,
-            env=self.env,
-        )
-
-    def kill_broker(self) -> None:
-        assert self.broker is not None
-        self.broker.send_signal(signal.SIGKILL)
-        self.broker.wait()
-
-    def start_nodes(self) -> None:
-        for i in range(self.node_count):
-            self.nodes.append(
-                subprocess.Popen(
-                    [
-                        str(BIN / "flowrra-node"),
-                        "--app=tests.apps.durable:app",
-                        f"--broker={self.url}",
-                        "--concurrency=20",
-                        f"--node-id=chaos-node-{i}",
-                        "--log-level=WARNING",
-                    ],
-                    stdout=self.log,
-                    stderr=self.log,
-                    env=self.env,
-                    cwd=ROOT,
-                )
-            )
-
-    def stop(self) -> None:
-        for process in [*self.nodes, self.broker]:
-            if process is not None and process.poll() is None:
-                process.terminate()
-        for process in [*self.nodes, self.broker]:
-            if process is not None:
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-        self.log.close()
+def start_cluster(launcher: Launcher, nodes: int) -> BrokerProcess:
+    """A durable broker with short heartbeats and ``nodes`` nodes serving the durable app."""
+    broker = launcher.broker(durability="full", heartbeat_ms=200, liveness=3)
+    for i in range(nodes):
+        launcher.node(broker, APP, concurrency=20, node_id=f"chaos-node-{i}")
+    return broker
 
 
 async def run(restarts: int, node_count: int, seed: int, workdir: Path) -> int:
@@ -114,10 +41,13 @@ async def run(restarts: int, node_count: int, seed: int, workdir: Path) -> int:
     rng = random.Random(seed)
     markers = workdir / "markers"
     markers.mkdir()
-    cluster = Cluster(workdir, node_count)
-    cluster.start_broker()
-    cluster.start_nodes()
-    client = Flowrra.from_urls(broker=cluster.url, connect_timeout=30, request_timeout=120)
+    # Every process's output goes to workdir/logs (kept with --keep), not into memory.
+    (workdir / "logs").mkdir()
+    launcher = Launcher(
+        workdir, python_path=[ROOT], node_cwd=ROOT, keep_lines=500, log_dir=workdir / "logs"
+    )
+    broker = start_cluster(launcher, node_count)
+    client = Flowrra.from_urls(broker=broker.url, connect_timeout=30, request_timeout=120)
     for spec in durable.app.tasks.values():
         client.task(name=spec.name, max_retries=spec.max_retries)(spec.fn)
     acknowledged: dict[str, str] = {}
@@ -139,9 +69,10 @@ async def run(restarts: int, node_count: int, seed: int, workdir: Path) -> int:
             submitting = asyncio.gather(*(submitter(f"c{c}b") for c in range(3)))
             for n in range(1, restarts + 1):
                 await asyncio.sleep(rng.uniform(0.2, 0.9))
-                cluster.kill_broker()
-                await asyncio.sleep(rng.uniform(0.0, 0.3))
-                cluster.start_broker()
+                broker.process.kill9()
+                await asyncio.sleep(rng.uniform(0.0, 0.3))  # random downtime, not a wait
+                # In a thread: the client's loop goes on (and retries) while it starts.
+                broker = await asyncio.to_thread(launcher.restart, broker)
                 print(f"restart {n}/{restarts}: {len(acknowledged)} tasks acknowledged so far")
             stop_submitting.set()
             await submitting
@@ -149,7 +80,8 @@ async def run(restarts: int, node_count: int, seed: int, workdir: Path) -> int:
                 *(client.wait_for_result(task_id, timeout=120) for task_id in acknowledged)
             )
     finally:
-        cluster.stop()
+        for problem in launcher.close():
+            print(f"teardown: {problem}")
 
     failures = [r for r in results if r.status is not TaskStatus.SUCCESS]
     wrong = [r for r in results if r.result != acknowledged[r.task_id]]
@@ -176,15 +108,18 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=20)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     print(f"seed {seed}")
     workdir = Path(tempfile.mkdtemp(prefix="flowrra-chaos-"))
+    if args.keep:
+        print(f"work directory {workdir}")
     sys.path.insert(0, str(ROOT))
     try:
         code = asyncio.run(run(args.restarts, args.nodes, seed, workdir))
     finally:
-        if "--keep" not in sys.argv:
+        if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     sys.exit(code)
 

@@ -2,10 +2,11 @@
 
     python scripts/measure_memory.py --tasks 1000000 [--durability fast]
 
-Starts a real ``flowrra-broker`` on a free loopback port with a temporary data directory,
-submits the tasks with ``submit_many`` and prints the broker's resident set size (VmRSS, and
-its anonymous part RssAnon) before and after, then restarts the broker on the same data and
-reports the RSS and the time recovery took.
+Starts a real ``flowrra-broker`` (with ``flowrra.processes``) on free loopback ports with a
+temporary data directory, submits the tasks with ``submit_many`` and prints the broker's
+resident set size (VmRSS, and its anonymous part RssAnon) before and after, then restarts the
+broker on the same data and reports the RSS and the time recovery took (until a client is
+welcomed).
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
 from flowrra import Flowrra
+from flowrra.processes import Launcher
 
 app = Flowrra.from_urls()
 
@@ -30,12 +30,6 @@ async def noop(i: int) -> int:
     return i
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def rss_mb(pid: int) -> tuple[float, float]:
     fields = {}
     with open(f"/proc/{pid}/status") as status:
@@ -43,20 +37,6 @@ def rss_mb(pid: int) -> tuple[float, float]:
             key, _, value = line.partition(":")
             fields[key] = value.strip()
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["RssAnon"].split()[0]) / 1024
-
-
-def start_broker(port: int, data_dir: str, durability: str) -> subprocess.Popen[bytes]:
-    broker = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "flowrra-broker"),
-            f"--bind=tcp://127.0.0.1:{port}",
-            f"--publish=tcp://127.0.0.1:{port + 1}",
-            f"--data-dir={data_dir}",
-            f"--durability={durability}",
-            "--log-level=WARNING",
-        ]
-    )
-    return broker
 
 
 async def submit_all(url: str, total: int, batch: int) -> float:
@@ -84,38 +64,36 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--durability", choices=["full", "fast"], default="fast")
     args = parser.parse_args()
-    port = free_port()
-    while True:
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            break
-        except OSError:
-            port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    data_dir = tempfile.mkdtemp(prefix="flowrra-mem-")
-    broker = start_broker(port, data_dir, args.durability)
+    workdir = tempfile.mkdtemp(prefix="flowrra-mem-")
+    # Recovery of a deep queue can take minutes; only the last log lines are kept.
+    launcher = Launcher(workdir, durability=args.durability, keep_lines=200)
     try:
-        asyncio.run(wait_ready(url))
+        broker = launcher.broker(timeout=300)
         before, _ = rss_mb(broker.pid)
-        seconds = asyncio.run(submit_all(url, args.tasks, args.batch))
+        seconds = asyncio.run(submit_all(broker.url, args.tasks, args.batch))
         after, after_anon = rss_mb(broker.pid)
         print(f"queued {args.tasks:,} tasks in {seconds:.1f}s ({args.tasks / seconds:,.0f}/s)")
         print(
             f"broker RSS: {before:.0f} MB before, {after:.0f} MB after ({after_anon:.0f} MB anon)"
         )
-        broker.terminate()
-        broker.wait(60)
-        size = sum(e.stat().st_size for e in os.scandir(data_dir)) / 2**20
+        broker.process.terminate(60)
+        size = sum(e.stat().st_size for e in os.scandir(broker.data_dir)) / 2**20
         print(f"data directory: {size:.0f} MB")
-        broker = start_broker(port, data_dir, args.durability)
-        recovery = asyncio.run(wait_ready(url))
+        started = time.perf_counter()
+        broker = launcher.broker(
+            port=broker.port,
+            publish_port=broker.publish_port,
+            data_dir=broker.data_dir,
+            wait=False,  # recovery is timed until a client is welcomed
+        )
+        asyncio.run(wait_ready(broker.url))
+        recovery = time.perf_counter() - started
         rss, anon = rss_mb(broker.pid)
         print(f"after restart: recovered in {recovery:.1f}s; RSS {rss:.0f} MB ({anon:.0f} MB anon)")
     finally:
-        broker.kill()
-        broker.wait()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        for problem in launcher.close():
+            print(f"teardown: {problem}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

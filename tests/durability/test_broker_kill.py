@@ -9,20 +9,7 @@ from pathlib import Path
 
 from flowrra import Flowrra, TaskStatus
 from tests.apps import durable
-from tests.conftest import BrokerProcess, Launcher, remote_twin, wait_for_glob
-
-DURABLE = ("--durability", "full")
-
-
-def restart(launcher: Launcher, broker: BrokerProcess) -> BrokerProcess:
-    """SIGKILL the broker, then start a new one on the same ports and data directory."""
-    broker.process.kill9()
-    return launcher.broker(
-        port=broker.port,
-        publish_port=broker.publish_port,
-        data_dir=broker.data_dir,
-        args=DURABLE,
-    )
+from tests.conftest import Launcher, remote_twin, wait_for_glob
 
 
 def runs(marker_dir: Path, key: str) -> int:
@@ -36,12 +23,12 @@ async def finals(app: Flowrra, task_ids: list[str], timeout: float = 30.0) -> di
 
 
 async def test_queued_tasks_survive_a_kill(launcher: Launcher, tmp_path: Path) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     client = remote_twin(durable.app, broker)
     async with client:
         keys = [f"q{i}" for i in range(200)]
         ids = await client.submit_many(durable.record, [(str(tmp_path), k) for k in keys])
-        broker = restart(launcher, broker)  # acknowledged, nothing ran yet
+        broker = launcher.restart(broker)  # acknowledged, nothing ran yet
         launcher.node(broker, "tests.apps.durable:app", concurrency=20)
         statuses = await finals(client, ids)
     assert set(statuses.values()) == {"success"}
@@ -51,7 +38,7 @@ async def test_queued_tasks_survive_a_kill(launcher: Launcher, tmp_path: Path) -
 async def test_in_flight_tasks_are_reclaimed_after_a_kill(
     launcher: Launcher, tmp_path: Path
 ) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     release = tmp_path / "release"
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -63,7 +50,7 @@ async def test_in_flight_tasks_are_reclaimed_after_a_kill(
         )
         await wait_for_glob(markers, "h*.run", count=5)  # all five are running on the node
         waiting = asyncio.gather(*(client.wait_for_result(t, timeout=30) for t in ids))
-        broker = restart(launcher, broker)
+        broker = launcher.restart(broker)
         release.touch()
         results = await waiting  # the blocked waits resume by themselves
     assert [r.status for r in results] == [TaskStatus.SUCCESS] * 5
@@ -72,7 +59,7 @@ async def test_in_flight_tasks_are_reclaimed_after_a_kill(
 
 
 async def test_retry_timers_fire_after_a_kill(launcher: Launcher, tmp_path: Path) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     launcher.node(broker, "tests.apps.durable:app")
     client = remote_twin(durable.app, broker)
     async with client:
@@ -87,7 +74,7 @@ async def test_retry_timers_fire_after_a_kill(launcher: Launcher, tmp_path: Path
 
         await asyncio.wait_for(retrying(), 10)
         failed_at = time.time()
-        broker = restart(launcher, broker)
+        broker = launcher.restart(broker)
         result = await client.wait_for_result(task_id, timeout=30)
     assert result.status is TaskStatus.SUCCESS
     assert result.retries == 1
@@ -98,7 +85,7 @@ async def test_retry_timers_fire_after_a_kill(launcher: Launcher, tmp_path: Path
 
 
 async def test_results_are_fetchable_after_a_kill(launcher: Launcher, tmp_path: Path) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     launcher.node(broker, "tests.apps.durable:app")
     client = remote_twin(durable.app, broker)
     async with client:
@@ -106,7 +93,7 @@ async def test_results_are_fetchable_after_a_kill(launcher: Launcher, tmp_path: 
             durable.record, [(str(tmp_path), f"d{i}") for i in range(20)]
         )
         await finals(client, ids)
-        broker = restart(launcher, broker)
+        broker = launcher.restart(broker)
         fetched = [await client.get_result(t) for t in ids]
     assert all(r is not None and r.status is TaskStatus.SUCCESS for r in fetched)
     assert [r.result for r in fetched if r is not None] == [f"d{i}" for i in range(20)]
@@ -115,7 +102,7 @@ async def test_results_are_fetchable_after_a_kill(launcher: Launcher, tmp_path: 
 async def test_a_submit_during_downtime_is_neither_lost_nor_doubled(
     launcher: Launcher, tmp_path: Path
 ) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     launcher.node(broker, "tests.apps.durable:app", concurrency=20)
     client = remote_twin(durable.app, broker, request_timeout=60)
     async with client:
@@ -126,12 +113,7 @@ async def test_a_submit_during_downtime_is_neither_lost_nor_doubled(
         )
         await asyncio.sleep(0.5)  # the submit is in the client's hands, unacknowledged
         assert not submitting.done()
-        broker = launcher.broker(
-            port=broker.port,
-            publish_port=broker.publish_port,
-            data_dir=broker.data_dir,
-            args=DURABLE,
-        )
+        broker = launcher.restart(broker)  # on its ports and data directory
         ids = await submitting
         statuses = await finals(client, ids)
     assert set(statuses.values()) == {"success"}
@@ -139,14 +121,14 @@ async def test_a_submit_during_downtime_is_neither_lost_nor_doubled(
 
 
 async def test_a_user_task_id_makes_submit_idempotent(launcher: Launcher, tmp_path: Path) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     launcher.node(broker, "tests.apps.durable:app")
     client = remote_twin(durable.app, broker)
     async with client:
         first = await client.submit(durable.record, str(tmp_path), "u", task_id="order-42")
         again = await client.submit(durable.record, str(tmp_path), "u", task_id="order-42")
         result = await client.wait_for_result(first, timeout=10)
-        broker = restart(launcher, broker)
+        broker = launcher.restart(broker)
         third = await client.submit(durable.record, str(tmp_path), "u", task_id="order-42")
         after = await client.get_result("order-42")
     assert first == again == third == "order-42"

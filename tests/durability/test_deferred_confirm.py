@@ -1,7 +1,7 @@
-"""Submits that return before the broker's acknowledgement (confirm_submits=False): the
-client keeps every one until the broker has stored it, so a broker kill -9 in a burst of
-sequential submits loses nothing and doubles nothing; refusals reach the task's waiters, and
-stopping the app waits (bounded) for the confirmations."""
+"""Submits that return before the broker's acknowledgement (the default, named here all the
+same: confirm_submits=False): the client keeps every one until the broker has stored it, so a
+broker kill -9 in a burst of sequential submits loses nothing and doubles nothing; refusals
+reach the task's waiters, and stopping the app waits (bounded) for the confirmations."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from flowrra.broker.store import Durability
 from tests.apps import durable
 from tests.broker.test_store_faults import EIO, FaultyLmdbStore, _embedded, echo
 from tests.conftest import Launcher, remote_twin
-from tests.durability.test_broker_kill import DURABLE, finals, restart, runs
+from tests.durability.test_broker_kill import finals, runs
 
 
 async def test_a_kill_in_a_burst_of_sequential_submits_loses_and_doubles_nothing(
     launcher: Launcher, tmp_path: Path
 ) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     launcher.node(broker, "tests.apps.durable:app", concurrency=20)
     client = remote_twin(durable.app, broker, request_timeout=60, confirm_submits=False)
     keys = [f"b{i}" for i in range(300)]
@@ -31,7 +31,7 @@ async def test_a_kill_in_a_burst_of_sequential_submits_loses_and_doubles_nothing
         for index, key in enumerate(keys):
             ids.append(await client.submit(durable.record, str(tmp_path), key))
             if index == 150:
-                broker = restart(launcher, broker)  # mid-burst; the client stays alive
+                broker = launcher.restart(broker)  # mid-burst; the client stays alive
         statuses = await finals(client, ids, timeout=60)
     assert set(statuses.values()) == {"success"}
     assert [runs(tmp_path, key) for key in keys] == [1] * len(keys)
@@ -40,7 +40,7 @@ async def test_a_kill_in_a_burst_of_sequential_submits_loses_and_doubles_nothing
 async def test_stop_waits_for_confirmations_and_says_when_they_do_not_come(
     launcher: Launcher, tmp_path: Path
 ) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     client = remote_twin(durable.app, broker, request_timeout=1, confirm_submits=False)
     await client.start()
     broker.process.proc.send_signal(signal.SIGSTOP)

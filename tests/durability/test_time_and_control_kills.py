@@ -25,25 +25,13 @@ from flowrra.protocol import Command, SlotKind
 from flowrra.scheduler import ScheduledTask
 from flowrra.schedules import slot_task_id
 from tests.apps import durable
-from tests.conftest import BrokerProcess, Launcher, remote_twin, wait_for_glob
+from tests.conftest import Launcher, remote_twin, wait_for_glob
 
 APP = "tests.apps.durable:app"
-DURABLE = ("--durability", "full")
 # Timers are kept in whole milliseconds, and the marker is written a moment after the start.
 EARLY_TOLERANCE_S = 0.005
 
 T = TypeVar("T")
-
-
-def restart(launcher: Launcher, broker: BrokerProcess) -> BrokerProcess:
-    """SIGKILL the broker, then start a new one on the same ports and data directory."""
-    broker.process.kill9()
-    return launcher.broker(
-        port=broker.port,
-        publish_port=broker.publish_port,
-        data_dir=broker.data_dir,
-        args=DURABLE,
-    )
 
 
 def marker_times(marker_dir: Path, pattern: str) -> list[float]:
@@ -85,7 +73,7 @@ async def status_of(client: Flowrra, task_id: str) -> TaskResult:
 async def test_delayed_tasks_keep_their_eta_across_a_kill(
     launcher: Launcher, tmp_path: Path
 ) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     launcher.node(broker, APP)
     client = remote_twin(durable.app, broker)
     countdowns = {"d0": 1.5, "d1": 1.75, "d2": 2.0, "d3": 2.25}
@@ -102,7 +90,7 @@ async def test_delayed_tasks_keep_their_eta_across_a_kill(
         etas = {key: r.eta.timestamp() for key, r in before.items() if r.eta is not None}
         assert set(etas) == set(ids) and long_before.eta is not None
 
-        broker = restart(launcher, broker)
+        broker = launcher.restart(broker)
         # The node serves the new broker (so nothing waits for it) before the first eta:
         # a broker that started the delayed tasks on recovery would start them early.
         probe = await client.submit(durable.record, str(tmp_path), "probe")
@@ -136,7 +124,7 @@ async def test_delayed_tasks_keep_their_eta_across_a_kill(
 async def test_cancelled_waiting_tasks_stay_cancelled_across_a_kill(
     launcher: Launcher, tmp_path: Path
 ) -> None:
-    broker = launcher.broker(args=DURABLE)  # no node yet: nothing can start
+    broker = launcher.broker(durability="full")  # no node yet: nothing can start
     client = remote_twin(durable.app, broker)
     async with client:
         scheduled = await client.submit(durable.record, str(tmp_path), "s", countdown=1.0)
@@ -147,7 +135,7 @@ async def test_cancelled_waiting_tasks_stay_cancelled_across_a_kill(
         assert eta is not None
         assert await client.cancel(scheduled) is True
         assert await client.cancel(queued) is True
-        broker = restart(launcher, broker)  # right after the cancels were acknowledged
+        broker = launcher.restart(broker)  # right after the cancels were acknowledged
 
         assert (await status_of(client, scheduled)).status is TaskStatus.CANCELLED
         assert (await status_of(client, queued)).status is TaskStatus.CANCELLED
@@ -172,7 +160,7 @@ async def test_cancelled_waiting_tasks_stay_cancelled_across_a_kill(
 async def test_a_late_result_of_a_cancelled_running_task_is_discarded_across_a_kill(
     launcher: Launcher, tmp_path: Path
 ) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     launcher.node(broker, APP)
     release = tmp_path / "release"
     client = remote_twin(durable.app, broker)
@@ -184,7 +172,7 @@ async def test_a_late_result_of_a_cancelled_running_task_is_discarded_across_a_k
             )
             await wait_for_glob(tmp_path, "c.*.run")
             assert await client.cancel(task_id) is True
-            broker = restart(launcher, broker)
+            broker = launcher.restart(broker)
 
             assert (await status_of(client, task_id)).status is TaskStatus.CANCELLED
             # The node serves the new broker (it reported the attempt it still runs).
@@ -231,7 +219,7 @@ async def test_an_interval_schedule_runs_each_slot_once_across_kills(
     launcher: Launcher, tmp_path: Path
 ) -> None:
     rng = random.Random()
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     launcher.node(broker, APP)
     client = remote_twin(durable.app, broker)
     outages: list[tuple[float, float]] = []  # (killed at, listening again at)
@@ -270,7 +258,7 @@ async def test_an_interval_schedule_runs_each_slot_once_across_kills(
             # A random moment within that slot (fault injection, not synchronisation).
             await asyncio.sleep(max(0.0, slot + rng.uniform(*KILL_AFTER_SLOT_S) - time.time()))
             killed_at = time.time()
-            broker = restart(launcher, broker)
+            broker = launcher.restart(broker)
             outages.append((killed_at, time.time()))
         # One more slot on schedule after the last restart, then close the window.
         await fired(await next_slot())
@@ -379,13 +367,13 @@ class ScriptedNode:
 async def test_a_duplicate_ready_after_a_restart_does_not_run_a_task_again(
     launcher: Launcher, tmp_path: Path
 ) -> None:
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     client = remote_twin(durable.app, broker)
     node = ScriptedNode(broker.url, "scripted-node")
     try:
         async with client:
             task_id = await client.submit(durable.record, str(tmp_path), "x")  # no node yet
-            broker = restart(launcher, broker)
+            broker = launcher.restart(broker)
             # What a real node's socket delivers after an outage shorter than its liveness
             # window: the heartbeats it sent meanwhile, each answered with RECONNECT.
             node.send(Command.HEARTBEAT)
@@ -425,7 +413,7 @@ async def test_a_duplicate_ready_after_a_restart_does_not_run_a_task_again(
 async def test_tasks_expire_with_no_node_and_never_run_after_a_kill(
     launcher: Launcher, tmp_path: Path
 ) -> None:
-    broker = launcher.broker(args=DURABLE)  # and no node
+    broker = launcher.broker(durability="full")  # and no node
     client = remote_twin(durable.app, broker)
     async with client:
         submitted = time.time()
@@ -434,7 +422,7 @@ async def test_tasks_expire_with_no_node_and_never_run_after_a_kill(
         expired = await client.wait_for_result(soon, timeout=5)
         waited = time.time() - submitted
         assert (await status_of(client, later)).status is TaskStatus.PENDING
-        broker = restart(launcher, broker)  # "later"'s deadline passes after the restart
+        broker = launcher.restart(broker)  # "later"'s deadline passes after the restart
         assert (await status_of(client, soon)).status is TaskStatus.EXPIRED
         expired_later = await client.wait_for_result(later, timeout=10)
         waited_later = time.time() - submitted

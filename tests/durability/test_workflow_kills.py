@@ -22,7 +22,6 @@ from tests.apps.workflow_app import markers
 from tests.conftest import BrokerProcess, Launcher, remote_twin, wait_until
 
 APP = "tests.apps.workflow_app:app"
-DURABLE = ("--durability", "full")
 
 
 class Dirs:
@@ -53,7 +52,7 @@ def dirs(tmp_path: Path) -> Dirs:
 
 def fleet(launcher: Launcher) -> BrokerProcess:
     """A durable broker and two nodes serving the workflow app."""
-    broker = launcher.broker(args=DURABLE)
+    broker = launcher.broker(durability="full")
     launcher.node(broker, APP)
     launcher.node(broker, APP)
     return broker
@@ -61,17 +60,6 @@ def fleet(launcher: Launcher) -> BrokerProcess:
 
 def kill(broker: BrokerProcess) -> None:
     broker.process.kill9()
-
-
-def restart(launcher: Launcher, broker: BrokerProcess) -> BrokerProcess:
-    """A new broker on the killed one's ports and data directory."""
-    assert not broker.process.running
-    return launcher.broker(
-        port=broker.port,
-        publish_port=broker.publish_port,
-        data_dir=broker.data_dir,
-        args=DURABLE,
-    )
 
 
 async def succeeded(client: Flowrra, task_ids: list[str], timeout: float = 15.0) -> list[object]:
@@ -133,7 +121,7 @@ async def test_a_chain_survives_a_kill_while_a_link_runs(launcher: Launcher, dir
         kill(broker)
         dirs.let_go("c1")  # c1 ends while the broker is down: its node keeps the outcome
         await dirs.wait_for("c1-done")
-        broker = restart(launcher, broker)
+        broker = launcher.restart(broker)
         dirs.let_go("c2", "c3")
         assert await succeeded(client, [last]) == [links]
     ran_once(dirs, links)
@@ -158,7 +146,7 @@ async def test_a_group_survives_a_kill_half_way(launcher: Launcher, dirs: Dirs) 
         kill(broker)
         dirs.let_go(*keys[3:5])  # these end while the broker is down
         await dirs.wait_for("g[34]-done", count=2)
-        broker = restart(launcher, broker)
+        broker = launcher.restart(broker)
         dirs.let_go(*keys[5:])
         results = await client.wait_for_group(group, timeout=15)
     assert [r.status for r in results] == [TaskStatus.SUCCESS] * len(keys)
@@ -196,7 +184,7 @@ async def test_a_chord_calls_back_once_after_a_kill_mid_chord(
             lambda: all(dirs.count(f"{k}-done") == 1 for k in down), 15, "members ended"
         )
         assert dirs.count("callback") == 0
-        broker = restart(launcher, broker)
+        broker = launcher.restart(broker)
         dirs.let_go(*keys)
         assert await succeeded(client, [callback]) == [values]
         assert await succeeded(client, member_ids) == values
@@ -229,7 +217,7 @@ async def test_a_chord_callback_running_at_a_kill_is_adopted(
         # are seen the callback's attempt is durable and is adopted, not run again.
         await succeeded(client, member_ids)
         kill(broker)
-        broker = restart(launcher, broker)
+        broker = launcher.restart(broker)
         dirs.let_go("cb")
         assert await succeeded(client, [callback]) == [keys]
     runs = markers(dirs.markers, "cb-start")
@@ -265,7 +253,7 @@ async def test_a_kill_as_the_last_member_ends_still_gives_one_callback_result(
                 await asyncio.sleep(0.0005)
             time.sleep((round_ % 4) * 0.002)  # 0, 2, 4 or 6 ms later (blocking: precise)
             kill(broker)
-            broker = restart(launcher, broker)
+            broker = launcher.restart(broker)
             assert await succeeded(client, [callback]) == [values]
             runs = markers(dirs.markers, "callback")
             assert len(runs) == 1, runs
