@@ -3,6 +3,7 @@ embedded default and against a real broker and a node run from the example's dir
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from flowrra.blocking import SyncCallInLoopError
 from tests.conftest import BrokerProcess, Launcher, embedded_twin, remote_twin
 from tests.examples.conftest import Example, example
 
@@ -112,3 +114,27 @@ def test_bad_requests_are_refused(web: Flask, path: str, body: Any) -> None:
 
 def test_an_unknown_report_is_not_found(web: Flask) -> None:
     assert web.test_client().get("/reports/no-such-task").status_code == 404
+
+
+def test_an_async_view_hands_the_blocking_calls_to_a_thread(web: Flask, project: Example) -> None:
+    """The pitfall the page warns of: in an ``async def`` view (run in an event loop)
+    ``app.sync`` refuses; through ``asyncio.to_thread`` it works."""
+    flowrra = web.extensions["flowrra"]
+    summarize = project.module("reports.tasks").summarize
+    web.testing = True  # the view's exception reaches the test
+
+    @web.get("/blocking-in-async")
+    async def blocking_in_async() -> str:
+        task_id: str = flowrra.sync.submit(summarize, [1])
+        return task_id
+
+    @web.get("/in-a-thread")
+    async def in_a_thread() -> str:
+        task_id: str = await asyncio.to_thread(flowrra.sync.submit, summarize, [1])
+        return task_id
+
+    client = web.test_client()
+    with pytest.raises(SyncCallInLoopError, match=r"use `await app\.submit\(\.\.\.\)`"):
+        client.get("/blocking-in-async")
+    task_id = client.get("/in-a-thread").text
+    assert flowrra.sync.wait_for_result(task_id, timeout=10).result == summary([1])
