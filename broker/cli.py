@@ -13,6 +13,7 @@ import zmq
 
 from flowrra.broker.config import BrokerConfig
 from flowrra.broker.core import Broker
+from flowrra.broker.endpoint import ZmqBrokerEndpoint
 from flowrra.broker.security import BrokerAccess
 from flowrra.broker.server import BrokerService, open_store
 from flowrra.broker.store import Durability
@@ -20,7 +21,7 @@ from flowrra.exitcodes import ExitCode
 from flowrra.logs import configure_logging
 from flowrra.options import log_options
 from flowrra.runner import run
-from flowrra.transport import Wakeup, ZmqBrokerEndpoint
+from flowrra.transport import Wakeup
 
 if TYPE_CHECKING:
     from flowrra.broker.metrics import BrokerMetrics

@@ -18,12 +18,23 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from flowrra.protocol import NODE_ONLY_COMMANDS
 from flowrra.security import load_key_pair, load_public_key
 
 log = logging.getLogger("flowrra.broker.security")
 
 NODE_ROLE = "node"
 CLIENT_ROLE = "client"
+
+_NODE_ONLY_FRAMES = frozenset(bytes([c]) for c in NODE_ONLY_COMMANDS)
+
+
+def node_command_allowed(user_id: str, frames: list[bytes]) -> bool:
+    """The role policy for one message (``frames`` after the routing id) from the CURVE
+    ``user_id`` the authenticator gave its key: node commands come only from node keys."""
+    if user_id.startswith(NODE_ROLE + ":"):
+        return True
+    return len(frames) <= 1 or frames[1] not in _NODE_ONLY_FRAMES
 
 
 def _public_keys(directory: Path) -> set[bytes]:

@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flowrra.broker.config import BrokerConfig
 from flowrra.broker.core import Broker
+from flowrra.broker.endpoint import BrokerEndpoint
 from flowrra.broker.stats import TaskStats
 from flowrra.broker.store import Durability, LmdbStore, MemoryStore, Store, StoreError
-from flowrra.transport import BrokerEndpoint, Wakeup
+from flowrra.transport import Wakeup
 
 log = logging.getLogger("flowrra.broker")
 
@@ -136,7 +137,7 @@ class BrokerService:
         """Handle what arrived, a tick, commit and send, all on the caller's stack.
 
         The embedded default runs this whenever a client or node of the same process sends
-        (see :class:`flowrra.transport.InprocHub`): the same broker logic, without a trip
+        (see :class:`flowrra.inproc.InprocHub`): the same broker logic, without a trip
         around the event loop per hop. Only with a store whose commit does not wait for the
         disk (in memory, or ``fast``); a full-durability commit runs off the loop instead.
         Sends made while it runs are handled by the same call, in order.

@@ -15,12 +15,13 @@ from flowrra import protocol
 from flowrra.blocking import BlockingFlowrra
 from flowrra.client import BrokerClient
 from flowrra.errors import BrokerUnavailable, FlowrraError, SubmitRejected, TaskNotFoundError
+from flowrra.inproc import InprocHub
 from flowrra.protocol import Submission, TaskStatus, pack_args
 from flowrra.result import TaskResult
 from flowrra.scheduler import Scheduler
 from flowrra.security import client_keys
 from flowrra.task import TaskSpec, check_priority, make_spec, time_options
-from flowrra.transport import InprocHub, Wakeup, ZmqConnector
+from flowrra.transport import Wakeup, ZmqConnector
 from flowrra.workflow import Call
 
 if TYPE_CHECKING:

@@ -15,7 +15,9 @@ PACKAGES = {"flowrra": "flowrra", "broker": "flowrra.broker", "node": "flowrra.n
 
 # What each layer may import from the project (its own modules, and the layers below).
 WIRE = {"flowrra.protocol", "flowrra.errors"}
-TRANSPORT = {"flowrra.transport", "flowrra.security"}
+# The client/node side of the sockets and the in-process hub; the broker's endpoint
+# (flowrra.broker.endpoint) is part of the broker layer.
+TRANSPORT = {"flowrra.transport", "flowrra.inproc", "flowrra.security"}
 APP_AND_CLI = {
     "flowrra.app",
     "flowrra.cli",

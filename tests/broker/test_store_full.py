@@ -14,8 +14,9 @@ from flowrra.broker.server import BrokerService
 from flowrra.broker.store import Durability, LmdbStore, Table
 from flowrra.client import BrokerClient
 from flowrra.errors import SubmitRejected
+from flowrra.inproc import InprocHub
 from flowrra.protocol import Submission
-from flowrra.transport import InprocHub, Wakeup
+from flowrra.transport import Wakeup
 
 
 def _submission(client: BrokerClient, payload: bytes) -> Submission:

@@ -1,6 +1,6 @@
 """Peers that never read what the broker sends them: a DEALER asking for a large result again
 and again, a SUB subscribed to a client's results. The broker holds a bounded amount for each
-(flowrra/transport.py), keeps serving everybody else, and a client whose publications were not
+(flowrra/broker/endpoint.py), keeps serving everybody else, and a client whose publications were
 sent still gets its results: a waiter that hears nothing asks the broker (flowrra/client.py).
 
 The nodes of these tests serve this module's ``app`` (a task with a large result from a small
@@ -20,26 +20,26 @@ from types import TracebackType
 import pytest
 import zmq
 
-from flowrra import Flowrra, TaskStatus, transport
+from flowrra import Flowrra, TaskStatus
 from flowrra import client as client_module
-from flowrra.protocol import Command, Submission, decode, encode, pack_args
-from flowrra.transport import (
+from flowrra.broker import endpoint as endpoint_module
+from flowrra.broker.endpoint import (
     PEER_BACKLOG_MESSAGES,
     ROUTER_SNDHWM,
-    Frames,
-    InprocHub,
-    Wakeup,
     ZmqBrokerEndpoint,
     peer_backlog_bytes,
     peer_pipe_bytes,
     publish_byte_limit,
 )
+from flowrra.inproc import InprocHub
+from flowrra.protocol import Command, Submission, decode, encode, pack_args
+from flowrra.transport import Frames, Wakeup
 from tests.conftest import BrokerProcess, Launcher, embedded_twin, free_port, remote_twin
 
 APP = "tests.failures.test_slow_readers:app"
 MB = 1024 * 1024
 # What the broker may grow by while a peer does not read: what it holds for that peer
-# (flowrra/transport.py: 32 MiB in its pipe, 64 MiB in its backlog), a tick's replies
+# (flowrra/broker/endpoint.py: 32 MiB in its pipe, 64 MiB in its backlog), a tick's replies
 # (broker/core.py: 64 MiB), and room for the allocator. Without the limits the GET flood below
 # costs it about 1 GB.
 GROWTH_LIMIT_MB = 250
@@ -304,7 +304,7 @@ async def test_the_endpoint_refuses_then_drops_a_peer_that_never_reads(
     monkeypatch: pytest.MonkeyPatch,
     size: int,
 ) -> None:
-    monkeypatch.setattr(transport, "PEER_STALL_S", 0.2)
+    monkeypatch.setattr(endpoint_module, "PEER_STALL_S", 0.2)
     endpoint, _ = _endpoint()
     try:
         dealer = never_reads(context, zmq.DEALER, endpoint.bind_url)
@@ -325,7 +325,7 @@ async def test_the_endpoint_refuses_then_drops_a_peer_that_never_reads(
                 assert sent <= bound, f"{sent} messages held for a peer that never reads"
             return sent
 
-        with caplog.at_level(logging.WARNING, "flowrra.transport"):
+        with caplog.at_level(logging.WARNING, "flowrra.broker.endpoint"):
             assert fill() > 0
             assert endpoint.counters["messages_refused"] == 1
             assert not endpoint.send(peer, message), "refused until its backlog drains"

@@ -1,0 +1,186 @@
+"""The in-process hub: the embedded default's stand-in for the broker's sockets.
+
+Client, broker and node of one process hand each other the same encoded frames the ZeroMQ
+transport carries, as Python objects: no sockets, no copies, no syscalls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+
+from flowrra.transport import Frames, Link, Subscriber, Wakeup
+
+
+class InprocHub:
+    """An in-process stand-in for the broker's sockets, used by the embedded default.
+
+    Frames are handed over as Python objects (no copies, no syscalls), but they are the same
+    encoded frames the ZeroMQ transport carries, so every side runs its normal code.
+    """
+
+    peers_can_vanish = False
+    publish_endpoint = "inproc://flowrra-results"
+
+    def __init__(self, broker_wakeup: Wakeup) -> None:
+        self._wakeup = broker_wakeup
+        # Set by a broker that handles messages on the sender's own call stack: no loop
+        # round trip between a client, the broker and a node of one process.
+        self.process_now: Callable[[], None] | None = None
+        self._inbox: deque[tuple[bytes, Frames]] = deque()
+        self._new_topics: list[bytes] = []
+        self._links: dict[bytes, _InprocLink] = {}
+        self._subscribers: list[_InprocSubscriber] = []
+
+    # broker side ---------------------------------------------------------------------
+
+    def drain(self, limit: int) -> tuple[list[tuple[bytes, Frames]], list[bytes]]:
+        inbox = self._inbox
+        if len(inbox) <= limit:
+            messages = list(inbox)
+            inbox.clear()
+        else:
+            messages = [inbox.popleft() for _ in range(limit)]
+            self._wakeup.set()
+        topics, self._new_topics = self._new_topics, []
+        return messages, topics
+
+    def send(self, peer: bytes, frames: Frames) -> bool:
+        link = self._links.get(peer)
+        if link is None:
+            return False
+        if link.push is not None:
+            link.push(frames)
+        else:
+            link.inbox.append(frames)
+            link.wakeup.set()
+        return True
+
+    def publish(self, frames: Frames) -> None:
+        topic = frames[0]
+        for subscriber in self._subscribers:
+            if subscriber.matches(topic):
+                if subscriber.push is not None:
+                    subscriber.push(frames)
+                else:
+                    subscriber.inbox.append(frames)
+                    subscriber.wakeup.set()
+
+    def close(self) -> None:
+        self._inbox.clear()
+
+    # peer side -----------------------------------------------------------------------
+
+    def link(self, wakeup: Wakeup) -> Link:
+        identity = os.urandom(5)
+        link = _InprocLink(identity, wakeup, self._deliver, lambda: self._links.pop(identity))
+        self._links[identity] = link
+        return link
+
+    def subscriber(self, publish_endpoint: str, wakeup: Wakeup) -> Subscriber:
+        subscriber = _InprocSubscriber(wakeup, self._subscribed, self._subscribers.remove)
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    def _deliver(self, identity: bytes, frames: Frames) -> None:
+        self._inbox.append((identity, frames))
+        self._arrived()
+
+    def _subscribed(self, topic: bytes) -> None:
+        self._new_topics.append(topic)
+        self._arrived()
+
+    def _arrived(self) -> None:
+        if self.process_now is not None:
+            self.process_now()
+        else:
+            self._wakeup.set()
+
+
+class _InprocLink:
+    def __init__(
+        self,
+        identity: bytes,
+        wakeup: Wakeup,
+        deliver: Callable[[bytes, Frames], None],
+        on_close: Callable[[], object],
+    ) -> None:
+        self.identity = identity
+        self.wakeup = wakeup
+        self.inbox: deque[Frames] = deque()
+        self.push: Callable[[Frames], None] | None = None
+        self._deliver = deliver
+        self._on_close = on_close
+        self._closed = False
+
+    def send(self, frames: Frames) -> None:
+        if not self._closed:
+            self._deliver(self.identity, frames)
+
+    def drain(self, limit: int) -> list[Frames]:
+        return _drain_deque(self.inbox, limit, self.wakeup)
+
+    def push_to(self, handler: Callable[[Frames], None]) -> bool:
+        self.push = handler
+        return True
+
+    def close(self, linger_ms: int = 0) -> None:
+        if not self._closed:
+            self._closed = True
+            self.push = None
+            self._on_close()
+
+
+class _InprocSubscriber:
+    def __init__(
+        self,
+        wakeup: Wakeup,
+        on_subscribe: Callable[[bytes], None],
+        on_close: Callable[[_InprocSubscriber], None],
+    ) -> None:
+        self.wakeup = wakeup
+        self.inbox: deque[Frames] = deque()
+        self.push: Callable[[Frames], None] | None = None
+        self._topics: dict[bytes, int] = {}
+        self._on_subscribe = on_subscribe
+        self._on_close = on_close
+        self._closed = False
+
+    def matches(self, topic: bytes) -> bool:
+        return any(topic.startswith(prefix) for prefix in self._topics)
+
+    def subscribe(self, topic: bytes) -> None:
+        count = self._topics.get(topic, 0)
+        self._topics[topic] = count + 1
+        if count == 0:  # like a SUB socket: only the first subscription travels upstream
+            self._on_subscribe(topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        count = self._topics.get(topic, 0)
+        if count <= 1:
+            self._topics.pop(topic, None)
+        else:
+            self._topics[topic] = count - 1
+
+    def drain(self, limit: int) -> list[Frames]:
+        return _drain_deque(self.inbox, limit, self.wakeup)
+
+    def push_to(self, handler: Callable[[Frames], None]) -> bool:
+        self.push = handler
+        return True
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.push = None
+            self._on_close(self)
+
+
+def _drain_deque(inbox: deque[Frames], limit: int, wakeup: Wakeup) -> list[Frames]:
+    if len(inbox) <= limit:
+        out = list(inbox)
+        inbox.clear()
+        return out
+    wakeup.set()
+    return [inbox.popleft() for _ in range(limit)]
