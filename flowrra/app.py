@@ -21,7 +21,7 @@ from flowrra.result import TaskResult
 from flowrra.scheduler import Scheduler
 from flowrra.security import client_keys
 from flowrra.task import TaskSpec, check_priority, make_spec, time_options
-from flowrra.transport import Wakeup, ZmqConnector
+from flowrra.transport import Connector, Wakeup, ZmqConnector
 from flowrra.workflow import Call
 
 if TYPE_CHECKING:
@@ -54,12 +54,15 @@ class Flowrra:
         curve_server_key: str | None = None,
         curve_secret_key: str | None = None,
         confirm_submits: bool = False,
+        connector: Connector | None = None,
     ) -> None:
         _check_options(
             broker, data_dir, durability, concurrency, processes, connect_timeout, request_timeout
         )
         if (curve_server_key is None) != (curve_secret_key is None):
             raise ValueError("give both curve_server_key and curve_secret_key, or neither")
+        if connector is not None and (broker is None or curve_server_key is not None):
+            raise ValueError("connector= is for a remote broker, and replaces the curve_* keys")
         self.broker_url = broker
         self.data_dir = data_dir
         self.durability = durability
@@ -74,6 +77,9 @@ class Flowrra:
         # restart); stop() waits, bounded, for the confirmations. True: every submit() waits
         # for its own confirmation (one broker round trip, and one fsync in full durability).
         self.confirm_submits = bool(confirm_submits)
+        # The connection to the remote broker; made from the URL and keys at start() unless
+        # given (a test's own ZmqConnector, say over another zmq context).
+        self._connector = connector
         self._tasks: dict[str, TaskSpec] = {}
         self._by_function: dict[Callable[..., Any], TaskSpec] = {}
         self._client: BrokerClient | None = None
@@ -94,7 +100,8 @@ class Flowrra:
         Client options: ``connect_timeout`` and ``request_timeout`` (seconds before
         :class:`~flowrra.errors.BrokerUnavailable`), and ``curve_server_key`` with
         ``curve_secret_key`` (key files) for a broker that requires CURVE; ``confirm_submits``
-        (True: each ``submit()`` waits until the broker has stored the task).
+        (True: each ``submit()`` waits until the broker has stored the task); ``connector``
+        (a :class:`~flowrra.transport.Connector` to use instead of one made from the URL).
         """
         return cls(broker, **options)
 
@@ -182,9 +189,11 @@ class Flowrra:
             )
         else:
             assert self.broker_url is not None
-            keys = client_keys(self.curve_server_key, self.curve_secret_key)
+            connector = self._connector or ZmqConnector(
+                self.broker_url, keys=client_keys(self.curve_server_key, self.curve_secret_key)
+            )
             client = BrokerClient(
-                ZmqConnector(self.broker_url, keys=keys),
+                connector,
                 connect_timeout_s=self.connect_timeout,
                 request_timeout_s=self.request_timeout,
             )

@@ -334,8 +334,7 @@ def _embedded(
 
 
 async def _status_counter(twin: Flowrra, name: str) -> int:
-    assert twin._client is not None
-    status = await twin._client.admin("status")
+    status = await twin.admin("status")
     return int(status["counters"].get(name, 0))
 
 

@@ -1,23 +1,17 @@
-"""Small helpers shared by the failure tests."""
+"""Small helpers shared by the failure tests (processes come from ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from flowrra import Flowrra
 
 
-async def admin(app: Flowrra, verb: str, **args: Any) -> Any:
-    """An operator command through a started app's own connection."""
-    assert app._client is not None, "start the app first"
-    return await app._client.admin(verb, **args)
-
-
 async def counter(app: Flowrra, name: str) -> int:
-    status = await admin(app, "status")
+    """One of the broker's ``status`` counters (0 until it first counts)."""
+    status = await app.admin("status")
     return int(status["counters"].get(name, 0))
 
 

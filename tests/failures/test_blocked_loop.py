@@ -20,7 +20,6 @@ from tests.conftest import (
     wait_for_glob,
     wait_until,
 )
-from tests.failures.helpers import admin
 
 APP = "tests.apps.failures:app"
 EXPIRY_S = HEARTBEAT_MS * LIVENESS / 1000
@@ -62,8 +61,8 @@ async def _block_and_check(broker: BrokerProcess, node: NodeProcess, tmp_path: P
         other = await client.submit(failures.record, str(tmp_path), "other")
         blocked = await client.wait_for_result(blocker, timeout=20)
         after = await client.wait_for_result(other, timeout=20)
-        record = await admin(client, "inspect", task_id=blocker)
-        status = await admin(client, "status")
+        record = await client.admin("inspect", task_id=blocker)
+        status = await client.admin("status")
     assert blocked.status is TaskStatus.SUCCESS
     assert blocked.result == {"pid": node.pid}
     assert after.status is TaskStatus.SUCCESS

@@ -13,7 +13,6 @@ from flowrra.errors import BrokerUnavailable
 from flowrra.security import keygen
 from tests.apps import failures
 from tests.conftest import BrokerProcess, Launcher, remote_twin
-from tests.failures.helpers import admin
 
 APP = "tests.apps.failures:app"
 
@@ -64,7 +63,7 @@ async def test_known_keys_run_tasks(
     async with client:
         ping = await client.submit(failures.ping, 5)
         result = await client.wait_for_result(ping, timeout=10)
-        status = await admin(client, "status")
+        status = await client.admin("status")
     assert result.status is TaskStatus.SUCCESS and result.result == 5
     assert [n["node_id"] for n in status["nodes"]] == [node.node_id]
     assert "refused" not in curve_broker.process.log()
@@ -112,7 +111,7 @@ async def test_unknown_keys_and_wrong_roles_are_refused(
         # the impostor's next refused command (its heartbeat thread beats every second).
         mark = log.mark()
         await log.await_line(r"refused a node command from a non-node key", since=mark)
-        status = await admin(client, "status")
+        status = await client.admin("status")
         pending = await client.get_result(task_id)
     assert status["nodes"] == []
     assert pending is not None and pending.status is TaskStatus.PENDING

@@ -12,7 +12,7 @@ from flowrra import Flowrra, TaskStatus
 from flowrra.errors import AdminError
 from tests.apps import failures
 from tests.conftest import Launcher, remote_twin, wait_for_glob
-from tests.failures.helpers import admin, eventually
+from tests.failures.helpers import eventually
 
 APP = "tests.apps.failures:app"
 
@@ -33,21 +33,21 @@ async def test_a_dead_letter_is_listed_and_retried_to_success(
         fine = await client.submit(failures.ping, 1)
         failed = await client.wait_for_result(task_id, timeout=20)
         await client.wait_for_result(fine, timeout=10)
-        dead = await admin(client, "dead_list")
+        dead = await client.admin("dead_list")
 
-        retried = await admin(client, "dead_retry", task_id=task_id)
+        retried = await client.admin("dead_retry", task_id=task_id)
 
         async def succeeded() -> bool:
             return await _status(client, task_id) is TaskStatus.SUCCESS
 
         await eventually(succeeded, timeout=20, what="the retried task's success")
         again = await client.get_result(task_id)
-        after = await admin(client, "dead_list")
+        after = await client.admin("dead_list")
         with pytest.raises(AdminError, match="not in the dead-letter list"):
-            await admin(client, "dead_retry", task_id=task_id)
+            await client.admin("dead_retry", task_id=task_id)
         with pytest.raises(AdminError, match="not in the dead-letter list"):
-            await admin(client, "dead_retry", task_id=fine)
-        record = await admin(client, "inspect", task_id=task_id)
+            await client.admin("dead_retry", task_id=fine)
+        record = await client.admin("inspect", task_id=task_id)
     assert failed.status is TaskStatus.FAILED
     assert failed.retries == 3
     assert failed.error == "RuntimeError: dl: planned failure 4 of 4"
@@ -75,7 +75,7 @@ async def test_waiting_on_a_retried_dead_letter_waits_for_its_new_outcome(
         task_id = await client.submit(failures.flaky, str(tmp_path), "w", 4, str(release))
         failed = await client.wait_for_result(task_id, timeout=20)
         assert failed.status is TaskStatus.FAILED
-        await admin(client, "dead_retry", task_id=task_id)
+        await client.admin("dead_retry", task_id=task_id)
         waiting = asyncio.ensure_future(client.wait_for_result(task_id, timeout=20))
         await wait_for_glob(tmp_path, "w.*.*", count=5)  # the new run started; it waits
         assert await _status(client, task_id) is TaskStatus.RUNNING

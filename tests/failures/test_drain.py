@@ -13,7 +13,6 @@ from flowrra import TaskStatus
 from tests.apps import failures
 from tests.apps.failures import pids
 from tests.conftest import Launcher, remote_twin, wait_for_glob
-from tests.failures.helpers import admin
 
 APP = "tests.apps.failures:app"
 
@@ -71,7 +70,7 @@ async def test_a_task_still_running_after_the_grace_period_is_handed_back(
         await wait_for_glob(tmp_path, "hold.*.*", count=2)
         release.touch()
         result = await client.wait_for_result(task_id, timeout=15)
-        record = await admin(client, "inspect", task_id=task_id)
+        record = await client.admin("inspect", task_id=task_id)
     assert code == 0
     assert 0.9 <= took < 6
     assert result.status is TaskStatus.SUCCESS
@@ -99,7 +98,7 @@ async def test_a_second_sigterm_stops_the_drain_at_once(launcher: Launcher, tmp_
         await wait_for_glob(tmp_path, "hold.*.*", count=2)
         release.touch()
         result = await client.wait_for_result(task_id, timeout=15)
-        record = await admin(client, "inspect", task_id=task_id)
+        record = await client.admin("inspect", task_id=task_id)
     assert code == 0
     assert took < 5  # not the 30 s grace
     assert result.status is TaskStatus.SUCCESS

@@ -34,7 +34,6 @@ from flowrra.protocol import (
 )
 from tests.apps import failures
 from tests.conftest import BrokerProcess, Launcher, remote_twin, wait_until
-from tests.failures.helpers import admin
 from tests.flowrra.strategies import msgpack_values, mutated
 
 APP = "tests.apps.failures:app"
@@ -423,7 +422,7 @@ async def test_fuzzed_frames_while_real_tasks_flow(
             for peer in (stable, poet):
                 await asyncio.to_thread(peer.sync, broker)
             final_kb = rss_kb(broker.process.pid)
-            status = await admin(client, "status")
+            status = await client.admin("status")
             # Every wrong version got its ERROR reply (the peers that kept their socket).
             for peer in (stable, poet):
                 assert peer.expected_version_errors > 0
@@ -458,7 +457,7 @@ async def test_a_submit_over_the_size_limit_is_refused_at_the_client(
         with pytest.raises(MessageTooLargeError):
             await client.submit_many(failures.sink, [(b"small",), (b"x" * 70_000,)])
         # Refused at the client: nothing of either call reached the broker.
-        status = await admin(client, "status")
+        status = await client.admin("status")
         assert status["counters"].get("submitted", 0) == 0
         assert status["queued"] == 0
         # Under the limit a task travels and runs as usual.
@@ -496,7 +495,7 @@ async def test_a_raw_peer_sending_an_oversized_frame_is_disconnected(
     async with remote_twin(failures.app, broker) as client:
         task_id = await client.submit(failures.ping, 42)
         pending = await client.get_result(task_id)
-        status = await admin(client, "status")
+        status = await client.admin("status")
     assert pending is not None and pending.status is TaskStatus.PENDING
     assert status["queued"] == 1
     assert "submitted" in status["counters"]

@@ -24,7 +24,6 @@ import pytest
 import zmq
 
 from flowrra import Flowrra, TaskStatus
-from flowrra.client import BrokerClient
 from flowrra.transport import ZmqConnector
 from tests.apps import failures
 from tests.apps.failures import pids
@@ -41,7 +40,7 @@ from tests.conftest import (
     subprocess_env,
     wait_for_glob,
 )
-from tests.failures.helpers import admin, counter, eventually
+from tests.failures.helpers import counter, eventually
 
 APP = "tests.apps.failures:app"
 
@@ -64,7 +63,7 @@ async def _check_fenced(
     assert result is not None
     assert result.status is TaskStatus.SUCCESS
     assert result.result == {"pid": winner_pid}
-    record = await admin(client, "inspect", task_id=task_id)
+    record = await client.admin("inspect", task_id=task_id)
     assert _history(record) == ["lost", "success"]  # exactly one final result
     assert record["attempt"] == 2
 
@@ -269,10 +268,10 @@ async def test_a_node_behind_a_cut_link_loses_its_task_and_its_late_result_is_ig
     broker = netlab.broker()
     cut = netlab.node(ns1, addr1, f"cut-{netlab.suffix}")
     context = netlab.context()
-    client = remote_twin(failures.app, f"tcp://127.0.0.1:{BROKER_PORT}")
-    link = BrokerClient(ZmqConnector(client.broker_url or "", context=context))
-    await link.connect()
-    client._client = link  # the app's connection, made from inside the broker's namespace
+    url = f"tcp://127.0.0.1:{BROKER_PORT}"
+    # The app's connection is made over a context created inside the broker's namespace.
+    client = remote_twin(failures.app, url, connector=ZmqConnector(url, context=context))
+    await client.start()
     try:
         task_id = await client.submit(failures.hold, str(markers), str(release), "cut")
         await wait_for_glob(markers, "cut.*.*")

@@ -11,7 +11,6 @@ from flowrra import TaskStatus
 from tests.apps import failures
 from tests.apps.failures import pids
 from tests.conftest import Launcher, remote_twin, wait_for_glob
-from tests.failures.helpers import admin
 
 APP = "tests.apps.failures:app"
 
@@ -33,7 +32,7 @@ async def test_a_task_on_a_killed_node_runs_on_another_node(
         assert pids(tmp_path, "hold").count(survivor.pid) == 1
         release.touch()
         result = await client.wait_for_result(task_id, timeout=15)
-        record = await admin(client, "inspect", task_id=task_id)
+        record = await client.admin("inspect", task_id=task_id)
     assert result.status is TaskStatus.SUCCESS
     assert result.result == {"pid": survivor.pid}
     assert result.retries == 0  # a lost node is not a failure of the task
@@ -53,9 +52,9 @@ async def test_a_task_whose_node_dies_every_time_ends_failed(
             assert node.pid in pids(tmp_path, "hang")
             node.kill9()
         result = await client.wait_for_result(task_id, timeout=15)
-        record = await admin(client, "inspect", task_id=task_id)
+        record = await client.admin("inspect", task_id=task_id)
         # A node that joins now gets nothing: the task is over, not queued again.
-        status = await admin(client, "status")
+        status = await client.admin("status")
     assert result.status is TaskStatus.FAILED
     assert result.error is not None
     assert result.error.startswith("WorkerLostError")
