@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
-import math
 import signal
 import sys
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
@@ -15,9 +13,9 @@ from typing import Any, TypeVar
 
 import click
 
-from flowrra import __version__
+from flowrra import __version__, render
 from flowrra.client import BrokerClient
-from flowrra.errors import AdminError, BrokerUnavailable, ProtocolError
+from flowrra.errors import AdminError, BrokerUnavailable
 from flowrra.exitcodes import ExitCode
 from flowrra.options import curve_client_options
 from flowrra.protocol import (
@@ -26,8 +24,6 @@ from flowrra.protocol import (
     MAX_PRIORITY,
     MIN_PRIORITY,
     TaskStatus,
-    unpack_args,
-    unpack_value,
 )
 from flowrra.result import TaskResult
 from flowrra.security import client_keys
@@ -52,34 +48,17 @@ def _client(obj: dict[str, Any]) -> BrokerClient:
     return BrokerClient(connector, connect_timeout_s=timeout, request_timeout_s=timeout)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    return str(value)
-
-
-def _to_json(value: Any) -> Any:
-    """``value`` made of JSON types only: bytes as hex, datetimes ISO, map keys as strings,
-    non-finite floats as strings (so the output is strict JSON)."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {_json_key(k): _to_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_json(v) for v in value]
-    return _jsonable(value)
-
-
-def _json_key(key: Any) -> str:
-    return key if isinstance(key, str) else str(_to_json(key))
-
-
 def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(_to_json(value), allow_nan=False))
+    """Strict JSON of ``value``, in the conventions of :func:`flowrra.render.to_json`."""
+    click.echo(render.dumps(value, compact=False))
+
+
+def _iso_times(item: dict[str, Any], names: Sequence[str] = render.TIMESTAMP_FIELDS) -> None:
+    """Turn the Unix timestamps ``names`` of ``item`` into ISO 8601 strings, in place."""
+    for name in names:
+        if name in item:
+            value = item[name]
+            item[name] = _iso_or_none(value if isinstance(value, int | float) else None)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -297,7 +276,10 @@ def result(obj: dict[str, Any], task_id: str, wait_s: float | None, as_json: boo
         task = TaskResult.from_record(record)
         if as_json:
             fields = {name: getattr(task, name) for name in task.__dataclass_fields__}
-            click.echo(json.dumps(fields, default=_jsonable))
+            for name, value in fields.items():  # the record's own times: ISO strings
+                if isinstance(value, dt.datetime):
+                    fields[name] = value.isoformat()
+            _echo_json(fields)
             return
         click.echo(f"{task.task_id}  {task.task_name}  {task.status.value}")
         if task.eta is not None:
@@ -418,76 +400,18 @@ async def _watch_status(obj: dict[str, Any], interval: float, as_json: bool, ctr
 # --------------------------------------------------------------------------- inspect
 
 
-_TIMESTAMPS = ("submitted_at", "started_at", "finished_at", "retry_at", "expires_at", "eta")
-
-
-def _decode_payload(payload: Any) -> tuple[list[Any], dict[str, Any]] | str:
-    """The task's (args, kwargs), or why they cannot be shown."""
-    if not isinstance(payload, bytes):
-        return "no arguments stored"
-    try:
-        args, kwargs = unpack_args(payload)
-    except ProtocolError as exc:
-        return f"undecodable arguments: {exc}"
-    return list(args), kwargs
-
-
-def _decode_result(packed: Any) -> tuple[bool, Any]:
-    """(True, value) for a stored result, (False, why) when there is none to show."""
-    if packed is None:
-        return False, None
-    if not isinstance(packed, bytes):
-        return False, f"unexpected result type {type(packed).__name__}"
-    try:
-        return True, unpack_value(packed)
-    except ProtocolError as exc:
-        return False, f"undecodable result: {exc}"
-
-
-def _attempts(history: Any) -> list[dict[str, Any]]:
-    attempts = []
-    for entry in history or []:
-        attempt, node_id, started, finished, outcome, error = (list(entry) + [None] * 6)[:6]
-        run_s = None
-        if isinstance(started, int | float) and isinstance(finished, int | float):
-            run_s = max(0.0, finished - started)
-        attempts.append(
-            {
-                "attempt": attempt,
-                "node_id": node_id,
-                "started_at": started,
-                "finished_at": finished,
-                "run_s": run_s,
-                "outcome": outcome,
-                "error": error,
-            }
-        )
-    return attempts
-
-
 def inspect_json(record: dict[str, Any]) -> dict[str, Any]:
-    """The ``inspect --json`` document: arguments and result decoded, times ISO."""
-    out = dict(record)
-    decoded = _decode_payload(record.get("payload"))
-    if isinstance(decoded, str):
-        out["args"] = out["kwargs"] = None
-        out["args_error"] = decoded
-    else:
-        out["args"], out["kwargs"] = decoded
-    has_result, value = _decode_result(record.get("result"))
-    out["result"] = value if has_result else None
-    if not has_result and value is not None:
-        out["result_error"] = value
-    for name in _TIMESTAMPS:
-        if name in out:
-            out[name] = _iso_or_none(out[name])
+    """The ``inspect --json`` document: the :func:`flowrra.render.inspect_view` of the reply,
+    with its times (and those of its attempts) in ISO 8601."""
+    view = render.inspect_view(record)
+    _iso_times(view)
     history = []
-    for attempt in _attempts(record.get("history")):
-        attempt["started_at"] = _iso_or_none(attempt["started_at"])
-        attempt["finished_at"] = _iso_or_none(attempt["finished_at"])
-        history.append(attempt)
-    out["history"] = history
-    return out
+    for attempt in view["history"]:
+        entry = attempt.as_dict()
+        _iso_times(entry, ("started_at", "finished_at"))
+        history.append(entry)
+    view["history"] = history
+    return view
 
 
 def _id_list(ids: Any, none: str, limit: int = 10) -> str:
@@ -513,7 +437,7 @@ def _workflow_pairs(links: Any) -> list[tuple[str, object]]:
 
 def render_inspect(record: dict[str, Any]) -> list[str]:
     """The lines of ``flowrra inspect`` for one ``inspect`` reply."""
-    decoded = _decode_payload(record.get("payload"))
+    view = render.inspect_view(record)
     timeout = record.get("timeout")
     pairs: list[tuple[str, object]] = [
         ("task id", record["task_id"]),
@@ -540,19 +464,18 @@ def render_inspect(record: dict[str, Any]) -> list[str]:
         ("expires", _iso(record.get("expires_at"))),
         *_workflow_pairs(record.get("workflow")),
     ]
-    if isinstance(decoded, str):
-        pairs.append(("args", decoded))
+    if view["args_note"] is not None:
+        pairs.append(("args", view["args_note"]))
     else:
-        pairs += [("args", repr(decoded[0])), ("kwargs", repr(decoded[1]))]
-    has_result, value = _decode_result(record.get("result"))
-    if has_result:
-        pairs.append(("result", repr(value)))
-    elif value is not None:
-        pairs.append(("result", value))
+        pairs += [("args", repr(view["args"])), ("kwargs", repr(view["kwargs"]))]
+    if view["result_note"] is not None:
+        pairs.append(("result", view["result_note"]))
+    elif view["has_result"]:
+        pairs.append(("result", repr(view["result"])))
     if record.get("error"):
         pairs.append(("error", record["error"]))
     lines = _fields(pairs)
-    attempts = _attempts(record.get("history"))
+    attempts: list[render.Attempt] = view["history"]
     lines.append("")
     if attempts:
         lines.append("attempts:")
@@ -560,13 +483,13 @@ def render_inspect(record: dict[str, Any]) -> list[str]:
             ("ATTEMPT", "NODE", "STARTED", "FINISHED", "TOOK", "OUTCOME", "ERROR"),
             (
                 (
-                    a["attempt"],
-                    a["node_id"] or "-",
-                    _iso(a["started_at"]),
-                    _iso(a["finished_at"]),
-                    _duration(a["run_s"]),
-                    a["outcome"],
-                    _one_line(a["error"]),
+                    a.attempt,
+                    a.node_id or "-",
+                    _iso(a.started_at),
+                    _iso(a.finished_at),
+                    _duration(a.run_s),
+                    a.outcome,
+                    _one_line(a.error),
                 )
                 for a in attempts
             ),
@@ -613,6 +536,105 @@ def tasks(obj: dict[str, Any], as_json: bool) -> None:
     else:
         rows = ((name, ", ".join(nodes)) for name, nodes in sorted(served.items()))
         click.echo("\n".join(_table(("TASK", "NODES"), rows)))
+
+
+_STATUS = click.Choice([s.value for s in TaskStatus])
+
+
+def render_recent(tasks: Sequence[dict[str, Any]]) -> list[str]:
+    """The lines of ``flowrra recent``."""
+    if not tasks:
+        return ["no recent tasks match"]
+    return _table(
+        ("TASK ID", "NAME", "STATUS", "ATTEMPT", "SUBMITTED", "FINISHED", "ERROR"),
+        (
+            (
+                t["task_id"],
+                t["task_name"],
+                t["status"],
+                t.get("attempt", "-"),
+                _iso(t.get("submitted_at")),
+                _iso(t.get("finished_at")),
+                _one_line(t.get("error"), 60),
+            )
+            for t in tasks
+        ),
+    )
+
+
+@main.command()
+@click.option(
+    "--status", "statuses", type=_STATUS, multiple=True, help="Only this status (repeatable)."
+)
+@click.option("--name", default=None, help="Only tasks of this name.")
+@click.option("--limit", default=50, type=click.IntRange(1, 1000), help="Most shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def recent(
+    obj: dict[str, Any], statuses: tuple[str, ...], name: str | None, limit: int, as_json: bool
+) -> None:
+    """Tasks with the latest activity, newest first (the broker remembers the last 10,000
+    submitted, started, retried or finished since it started)."""
+    args: dict[str, Any] = {"limit": limit}
+    if statuses:
+        args["status"] = list(statuses)
+    if name is not None:
+        args["name"] = name
+    found: list[dict[str, Any]] = _run(_admin(obj, "task_list", **args))
+    if as_json:
+        for item in found:
+            _iso_times(item)
+        _echo_json(found)
+    else:
+        click.echo("\n".join(render_recent(found)))
+
+
+def _seconds(value: Any) -> str:
+    return _duration(value) if isinstance(value, int | float) else "-"
+
+
+def render_stats(reply: dict[str, Any]) -> list[str]:
+    """The lines of ``flowrra stats``."""
+    figures: dict[str, dict[str, Any]] = reply.get("tasks") or {}
+    if not figures:
+        return ["no task has been submitted or run since the broker started"]
+    window = reply.get("run_window", "?")
+    return [
+        f"since {_iso(reply.get('since'))}; run times of the last {window} finished per name",
+        "",
+        *_table(
+            ("TASK", "SUBMITTED", "FINISHED", "FAILED", "FAILURE RATE", "RETRIED", "P50", "P95"),
+            (
+                (
+                    name,
+                    f.get("submitted", 0),
+                    f.get("finished", 0),
+                    f.get("failed", 0),
+                    "-" if f.get("failure_rate") is None else f"{f['failure_rate']:.1%}",
+                    f.get("retried", 0),
+                    _seconds(f.get("p50_s")),
+                    _seconds(f.get("p95_s")),
+                )
+                for name, f in sorted(figures.items())
+            ),
+        ),
+    ]
+
+
+@main.command()
+@click.option("--name", default=None, help="Only this task name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def stats(obj: dict[str, Any], name: str | None, as_json: bool) -> None:
+    """Per task name since the broker started: counts, failure rate, p50 and p95 run time."""
+    reply: dict[str, Any] = _run(
+        _admin(obj, "task_stats", **({} if name is None else {"name": name}))
+    )
+    if as_json:
+        _iso_times(reply, ("since",))
+        _echo_json(reply)
+    else:
+        click.echo("\n".join(render_stats(reply)))
 
 
 @main.command()
@@ -707,9 +729,7 @@ def dead_list(obj: dict[str, Any], limit: int, as_json: bool) -> None:
         out = []
         for record in records:
             item = dict(record)
-            for name in _TIMESTAMPS:
-                if name in item:
-                    item[name] = _iso_or_none(item[name])
+            _iso_times(item)
             out.append(item)
         _echo_json(out)
     elif not records:
@@ -757,15 +777,8 @@ def schedule_text(schedule: dict[str, Any]) -> str:
 def schedule_json(schedule: dict[str, Any]) -> dict[str, Any]:
     """One schedule of ``schedules list --json``: arguments decoded, times ISO."""
     out = dict(schedule)
-    decoded = _decode_payload(schedule.get("payload"))
-    if isinstance(decoded, str):
-        out["args"] = out["kwargs"] = None
-        out["args_error"] = decoded
-    else:
-        out["args"], out["kwargs"] = decoded
-    for name in _SCHEDULE_TIMES:
-        if name in out:
-            out[name] = _iso_or_none(out[name])
+    out.update(render.decode_args(out.pop("payload", None)))
+    _iso_times(out, _SCHEDULE_TIMES)
     if out.get("schedule_type") == "once" and isinstance(out.get("schedule"), int | float):
         out["schedule"] = _iso(out["schedule"])
     return out
@@ -902,11 +915,16 @@ def schedules_remove(obj: dict[str, Any], schedule_id: str) -> None:
 @click.option("--port", default=8080, type=click.IntRange(1, 65535), help="Its port.")
 @click.pass_obj
 def dashboard(obj: dict[str, Any], broker_url: str | None, host: str, port: int) -> None:
-    """Serve a live web dashboard of the broker (needs the 'dashboard' extra)."""
+    """Serve a live web dashboard of the broker (needs the 'dashboard' extra).
+
+    It runs the ASGI app of flowrra.dashboard.asgi_app() on uvicorn; the same app mounts
+    inside FastAPI or Starlette. It is read-only and has no authentication: keep it on
+    127.0.0.1 or behind an authenticating proxy.
+    """
     try:
         from flowrra.dashboard import serve
     except ImportError as exc:
-        if exc.name == "flowrra.dashboard":
+        if (exc.name or "").split(".")[0] == "flowrra":
             raise  # the package itself is incomplete: not a missing extra
         click.echo(f"error: {DASHBOARD_EXTRA_HINT}", err=True)
         sys.exit(ExitCode.CONFIG)

@@ -226,7 +226,7 @@ def test_inspect_shows_arguments_attempts_and_error(fleet: Fleet) -> None:
     assert {a["outcome"] for a in record["history"]} == {"failed"}
     assert all(a["run_s"] >= 0 and _is_iso(a["started_at"]) for a in record["history"])
     assert _is_iso(record["submitted_at"]) and _is_iso(record["finished_at"])
-    assert bytes.fromhex(record["payload"])  # raw arguments as hex
+    assert "payload" not in record and record["args_note"] is None  # decoded, not raw
 
 
 def test_inspect_shows_the_result_of_a_success(fleet: Fleet) -> None:
@@ -247,6 +247,64 @@ def test_inspect_unknown_task(fleet: Fleet) -> None:
     assert result.exit_code == ExitCode.FAILURE
     assert result.stderr == "unknown task id no-such-task\n"
     assert result.stdout == ""
+
+
+# --------------------------------------------------------------------------- recent, stats
+
+
+def test_recent_filters_by_status_and_name(fleet: Fleet) -> None:
+    client = fleet.client
+    failed = client.submit(cliapp.fail, "recent", code=3)
+    done = client.submit(cliapp.add, 4, 5, label="recent")
+    assert client.wait(failed).status is TaskStatus.FAILED and client.wait(done).success
+
+    out = ok(fleet.url, "recent")
+    assert re.search(
+        r"^TASK ID\s+NAME\s+STATUS\s+ATTEMPT\s+SUBMITTED\s+FINISHED\s+ERROR$", out, re.M
+    )
+    assert re.search(
+        rf"^{failed}\s+cli\.fail\s+failed\s+3\s+\S+\s+\S+\s+ValueError: recent \(3\)$", out, re.M
+    )
+    assert re.search(rf"^{done}\s+cli\.add\s+success\s+1\s+\S+\s+\S+\s+-$", out, re.M)
+
+    only_failed = ok_json(fleet.url, "recent", "--status", "failed")
+    assert failed in {t["task_id"] for t in only_failed}
+    assert {t["status"] for t in only_failed} == {"failed"}
+    assert all(_is_iso(t["submitted_at"]) for t in only_failed)
+    by_name = ok_json(
+        fleet.url, "recent", "--name", "cli.add", "--status", "success", "--status", "failed"
+    )
+    assert done in {t["task_id"] for t in by_name} and {t["task_name"] for t in by_name} == {
+        "cli.add"
+    }
+    assert len(ok_json(fleet.url, "recent", "--limit", "1")) == 1
+    assert ok(fleet.url, "recent", "--name", "no.such.task") == "no recent tasks match\n"
+    refused = invoke(fleet.url, "recent", "--status", "done")
+    assert refused.exit_code == 2 and "'done' is not one of" in refused.stderr
+
+
+def test_stats_per_task_name(fleet: Fleet) -> None:
+    client = fleet.client
+    for i in range(3):
+        assert client.wait(client.submit(cliapp.add, i, i)).success
+    assert client.wait(client.submit(cliapp.fail, "stats")).status is TaskStatus.FAILED
+
+    reply = ok_json(fleet.url, "stats")
+    assert reply["run_window"] == 1000 and _is_iso(reply["since"])
+    add, fail = reply["tasks"]["cli.add"], reply["tasks"]["cli.fail"]
+    assert add["finished"] >= 3 and add["failed"] == 0 and add["failure_rate"] == 0
+    assert 0 <= add["p50_s"] <= add["p95_s"]
+    assert fail["failure_rate"] == 1 and fail["retried"] >= 2
+    out = ok(fleet.url, "stats")
+    assert re.search(
+        r"^TASK\s+SUBMITTED\s+FINISHED\s+FAILED\s+FAILURE RATE\s+RETRIED\s+P50\s+P95$", out, re.M
+    )
+    assert re.search(
+        rf"^cli\.fail\s+{fail['submitted']}\s+{fail['finished']}\s+{fail['failed']}\s+100\.0%\s+",
+        out,
+        re.M,
+    )
+    assert list(ok_json(fleet.url, "stats", "--name", "cli.add")["tasks"]) == ["cli.add"]
 
 
 # --------------------------------------------------------------------------- tasks

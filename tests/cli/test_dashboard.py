@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import types
@@ -42,27 +41,30 @@ def test_dashboard_runs_serve_with_the_broker_host_and_port(
     ]
 
 
-def test_dashboard_without_aiohttp_names_the_extra(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("missing", ["starlette", "uvicorn"])
+def test_dashboard_without_its_extra_names_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, missing: str
 ) -> None:
-    # A dashboard module that needs aiohttp, found before any real one; aiohttp is blocked.
-    (tmp_path / "dashboard.py").write_text(
-        "import aiohttp\n\nasync def serve(broker_url, host, port):\n    pass\n"
+    # A dashboard package that needs the missing library, found before the real one.
+    package = tmp_path / "dashboard"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        f"import {missing}\n\nasync def serve(broker_url, host, port):\n    pass\n"
     )
     monkeypatch.setattr(flowrra, "__path__", [str(tmp_path), *flowrra.__path__])
     monkeypatch.delitem(sys.modules, "flowrra.dashboard", raising=False)
-    monkeypatch.setitem(sys.modules, "aiohttp", None)
+    monkeypatch.setitem(sys.modules, missing, None)
     result = invoke("tcp://127.0.0.1:7001", "dashboard")
     assert result.exit_code == ExitCode.CONFIG, result.output
     assert result.stderr == f"error: {DASHBOARD_EXTRA_HINT}\n"
     assert "pip install 'flowrra-fabric[dashboard]'" in DASHBOARD_EXTRA_HINT
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("flowrra.dashboard") is None, reason="flowrra/dashboard.py not there"
-)
-def test_the_real_dashboard_without_aiohttp(tmp_path: Path) -> None:
-    (tmp_path / "aiohttp.py").write_text("raise ImportError('aiohttp shadowed by the test')\n")
+@pytest.mark.parametrize("missing", ["starlette", "uvicorn"])
+def test_the_real_dashboard_without_its_extra(tmp_path: Path, missing: str) -> None:
+    (tmp_path / f"{missing}.py").write_text(
+        f"raise ImportError('{missing} shadowed by the test')\n"
+    )
     result = subprocess.run(
         [str(BIN / "flowrra"), "dashboard", "--port", "1"],
         env=subprocess_env([tmp_path]),
@@ -72,3 +74,17 @@ def test_the_real_dashboard_without_aiohttp(tmp_path: Path) -> None:
     )
     assert result.returncode == ExitCode.CONFIG, result.stderr
     assert result.stderr == f"error: {DASHBOARD_EXTRA_HINT}\n"
+
+
+def test_the_dashboard_package_needs_no_aiohttp(tmp_path: Path) -> None:
+    """flowrra's own code does not use aiohttp (only some tests do)."""
+    (tmp_path / "aiohttp.py").write_text("raise ImportError('aiohttp shadowed by the test')\n")
+    code = "import flowrra.dashboard, flowrra.cli, flowrra.render; print('ok')"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env([tmp_path]),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr

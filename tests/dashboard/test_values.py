@@ -1,11 +1,13 @@
-"""How the dashboard turns broker replies into JSON (no processes needed)."""
+"""How broker replies become JSON and views (flowrra.render, shared by the CLI and the
+dashboard), and what the dashboard makes of them (no processes needed)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 
-from flowrra import dashboard
+from flowrra import render
+from flowrra.dashboard import app as dashboard
 from flowrra.protocol import pack_args, pack_value
 
 
@@ -38,6 +40,7 @@ def test_task_view_decodes_arguments_result_and_history() -> None:
             "node_id": "node-a",
             "started_at": 10.0,
             "finished_at": 11.0,
+            "run_s": 1.0,
             "outcome": "success",
             "error": None,
         }
@@ -65,14 +68,6 @@ def test_large_or_broken_payloads_are_not_decoded() -> None:
     assert view["result"] is None and "undecodable result" in view["result_note"]
     view = dashboard.task_view(record(payload=pack_value("not a call"), result=None))
     assert "undecodable arguments" in view["args_note"] and view["has_result"] is False
-
-
-def test_status_event_is_one_sse_message() -> None:
-    snapshot = {"available": True, "status": {"note": "a\nb"}, "throughput": [[1.0, None]]}
-    event = dashboard.sse_event("status", snapshot)
-    assert event.startswith(b"event: status\ndata: ") and event.endswith(b"\n\n")
-    assert event.count(b"\n") == 3  # newlines inside values stay escaped in the JSON
-    assert json.loads(event.split(b"data: ", 1)[1]) == snapshot
 
 
 def test_task_view_shows_the_due_time_and_workflow_links() -> None:
@@ -130,3 +125,59 @@ def test_schedule_view_keeps_what_the_page_shows() -> None:
     assert full["args"] == [1, 2] and full["kwargs"] == {"k": "v"} and full["args_note"] is None
     broken = dashboard.schedule_view(schedule(payload=b"\xc1"), with_args=True)
     assert broken["args"] is None and "undecodable arguments" in broken["args_note"]
+
+
+def test_one_json_convention_for_what_json_cannot_carry() -> None:
+    value = {
+        b"k": [b"\x01", (1, 2.5)],
+        3: float("inf"),
+        "d": dt.datetime(2024, 1, 2, tzinfo=dt.UTC),
+        "n": None,
+    }
+    assert render.to_json(value) == {
+        "6b": [{"$bytes_hex": "01"}, [1, 2.5]],
+        "3": {"$float": "inf"},
+        "d": {"$datetime": "2024-01-02T00:00:00+00:00"},
+        "n": None,
+    }
+    assert json.loads(render.dumps(value)) == render.to_json(value)
+
+
+def test_attempts_are_typed_and_malformed_entries_skipped() -> None:
+    history = [
+        [1, "node-a", 10.0, 12.5, "failed", "ValueError: x"],
+        [2, None, None, 20.0, "lost", None],
+        ["not", "an", "attempt"],
+        [True, "n", 1.0, 2.0, "success", None],  # a bool is no attempt number
+    ]
+    first, second = render.attempts(history)
+    assert first == render.Attempt(1, "node-a", 10.0, 12.5, "failed", "ValueError: x")
+    assert first.run_s == 2.5 and second.run_s is None and second.outcome == "lost"
+    assert render.to_json(first)["run_s"] == 2.5
+    assert render.attempts(None) == []
+
+
+def test_inspect_view_keeps_bytes_out_and_says_why_values_are_missing() -> None:
+    view = render.inspect_view(record(payload=None, result=None))
+    assert view["args_note"] == "no arguments stored" and view["has_result"] is False
+    assert "payload" not in view
+    view = render.inspect_view(record(result=pack_value(b"\x00")))
+    assert view["result"] == b"\x00" and render.to_json(view)["result"] == {"$bytes_hex": "00"}
+    # Without a limit (the CLI) large values are decoded; the dashboard's limit skips them.
+    big = pack_args(["x" * (dashboard.MAX_DECODE_BYTES + 1)], {})
+    assert render.inspect_view(record(payload=big))["args"] == [
+        "x" * (dashboard.MAX_DECODE_BYTES + 1)
+    ]
+
+
+def test_workflow_view_leaves_packed_arguments_out() -> None:
+    stored = {
+        "id": "wf-1",
+        "kind": "chain",
+        "steps": [[["t1", "app.add", 0, b"\x92\x90\x80"]]],
+        "done": {"t1": 1},
+    }
+    view = dashboard.workflow_view(stored)
+    assert view == {"id": "wf-1", "kind": "chain", "steps": [[["t1", "app.add", 0]]],
+                    "done": {"t1": 1}}  # fmt: skip
+    json.dumps(view, allow_nan=False)
