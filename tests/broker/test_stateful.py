@@ -18,15 +18,10 @@ node slot accounting adds up, a final result never changes, and the in-memory st
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import os
-import struct
-from collections import Counter
 from typing import Any
 
-import msgpack
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -52,9 +47,16 @@ from flowrra.protocol import (
     parse_tasks,
 )
 from tests.broker.harness import INTERVAL_MS, LIVENESS, STEP, T0
+from tests.broker.invariants import (
+    ORPHAN,
+    check_places,
+    check_recovery,
+    check_slots,
+    queued,
+    timers,
+)
 from tests.flowrra.strategies import EXAMPLES
 
-ORPHAN = b""  # the holder of a lease recovered from the store, until a node claims it
 CLIENT = b"client"
 STRANGER = b"stranger"  # a peer that never registered as a node
 NAMES = ("jobs.work", "jobs.cpu")
@@ -73,8 +75,6 @@ CONFIG = BrokerConfig(
     result_ttl_s=1e9,  # final records never expire within a run: they are compared to the model
     lease_grace_s=2.0,  # an attempt of a task with a 1 s timeout is overdue after 3 s
 )
-# Store key layouts (documented in broker/repository.py): big-endian queue orders and times.
-_U64 = struct.Struct(">Q")
 
 
 class CountingStore(MemoryStore):
@@ -91,16 +91,6 @@ class CountingStore(MemoryStore):
     def delete(self, table: Table, key: bytes) -> None:
         self.writes += 1
         super().delete(table, key)
-
-
-def _queued(broker: Broker) -> list[tuple[str, int, int]]:
-    """(name, priority, order) of every queued task, without disturbing the queues."""
-    return sorted(copy.deepcopy(broker.queues).remove())
-
-
-def _timers(broker: Broker) -> list[tuple[int, str]]:
-    """(due_ms, task id) of every timer, without disturbing the heap."""
-    return sorted(copy.deepcopy(broker.timers).pop_due(math.inf))
 
 
 class BrokerMachine(RuleBasedStateMachine):
@@ -173,8 +163,8 @@ class BrokerMachine(RuleBasedStateMachine):
                 node.peer: (dict(node.free), set(node.leases), dict(node.unreported))
                 for node in broker.nodes
             },
-            _queued(broker),
-            _timers(broker),
+            queued(broker),
+            timers(broker),
             records,
         )
 
@@ -463,71 +453,18 @@ class BrokerMachine(RuleBasedStateMachine):
         self._end_step()
 
     # ------------------------------------------------------------------ invariants
+    # The state checks are tests/broker/invariants.py's (the fuzz tests of test_core use them
+    # too); only the one that needs this test's model of final results lives here.
 
     @invariant()
     def each_accepted_task_is_in_exactly_one_place(self) -> None:
-        """Queued (PENDING), leased (RUNNING), timed (RETRYING) or final: exactly one; and the
-        stored tasks are exactly the acknowledged ones."""
-        broker, store = self.broker, self.store
-        queued: Counter[str] = Counter()
-        for name, priority, order in _queued(broker):
-            entry = store.get(Table.QUEUE, _U64.pack(order))
-            assert entry is not None, f"queue order {order} has no stored entry"
-            task_id, stored_name, stored_priority = msgpack.unpackb(entry)
-            assert (stored_name, stored_priority) == (name, priority)
-            queued[task_id] += 1
-        timed = Counter(task_id for _, task_id in _timers(broker))
-        stored = {key.decode() for key, _ in store.scan(Table.TASKS)}
-        assert stored == self.accepted, "the stored tasks are not the acknowledged ones"
-        places = set(queued) | set(broker.leases) | set(timed)
-        assert places <= self.accepted, f"unknown tasks placed: {places - self.accepted}"
-        for task_id in sorted(self.accepted):
-            record = broker.view(task_id)
-            assert record is not None, task_id
-            where = {
-                "queued": queued[task_id],
-                "leased": int(task_id in broker.leases),
-                "timed": timed[task_id],
-                "final": int(record.status.is_final),
-            }
-            assert sum(where.values()) == 1, f"{task_id} ({record.status}) is in {where}"
-            expected = {
-                "queued": TaskStatus.PENDING,
-                "leased": TaskStatus.RUNNING,
-                "timed": TaskStatus.RETRYING,
-            }
-            for place, status in expected.items():
-                if where[place]:
-                    assert record.status is status, f"{task_id} is {place} but {record.status}"
+        """Queued (PENDING), leased (RUNNING), timed (RETRYING) or final: exactly one; the
+        stored tasks are exactly the acknowledged ones, and no timer is left over."""
+        check_places(self.broker, self.accepted, exact_timers=True)
 
     @invariant()
     def node_slots_and_leases_add_up(self) -> None:
-        """A node's free slots, its leases and the attempts taken back from it that it has
-        not reported make up its advertised slots; leases and nodes' lease sets agree (an
-        orphan recovered after a restart has no node until one adopts it)."""
-        broker = self.broker
-        registered = {node.peer: node for node in broker.nodes}
-        for node in broker.nodes:
-            for task_id in node.leases:
-                lease = broker.leases.get(task_id)
-                assert lease is not None, f"{node.node_id} holds {task_id}, which has no lease"
-                assert lease.node == node.peer, (
-                    f"{node.node_id} holds {task_id}, whose lease {lease.node!r} holds"
-                )
-            for kind in SlotKind:
-                used = sum(1 for tid in node.leases if broker.leases[tid].kind is kind)
-                # Attempts taken back (overdue) keep their slot until the node reports them.
-                unreported = sum(1 for k in node.unreported.values() if k is kind)
-                assert node.free[kind] + used + unreported == node.slots[kind], (
-                    f"{node.node_id} {kind}: {node.free[kind]} free + {used} leased + "
-                    f"{unreported} unreported != {node.slots[kind]} slots"
-                )
-        for task_id, lease in broker.leases.items():
-            if lease.node == ORPHAN:
-                continue
-            holder = registered.get(lease.node)
-            assert holder is not None, f"{task_id} is leased to {lease.node!r}, no node"
-            assert task_id in holder.leases, f"{holder.node_id} does not list {task_id}"
+        check_slots(self.broker)
 
     @invariant()
     def final_results_never_change(self) -> None:
@@ -543,39 +480,7 @@ class BrokerMachine(RuleBasedStateMachine):
     @invariant()
     def memory_agrees_with_the_store(self) -> None:
         """What a broker recovering from the store now would rebuild is what this one has."""
-        broker = self.broker
-        assert not self.store.dirty
-        fresh = Broker(self.store, CONFIG, "inproc://check")
-        fresh.recover(self.now)
-        assert not self.store.dirty, "recover() wrote to the store"
-        assert _queued(fresh) == _queued(broker)
-        assert _timers(fresh) == _timers(broker)
-        assert {t: lease.attempt for t, lease in fresh.leases.items()} == {
-            t: lease.attempt for t, lease in broker.leases.items()
-        }
-        # New queue orders never reuse one a task may go back to the queue with (a lost
-        # attempt returns at its old order). The live counter may be ahead of the stored one
-        # (orders taken in a tick whose commit failed).
-        assert fresh._next_order <= broker._next_order
-        for task_id in self.accepted:
-            record = broker.view(task_id)
-            if record is not None and record.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
-                assert record.order <= fresh._next_order, (task_id, record.order)
-        # The stored holder of a lease is its node (recover() gives it back to it by node id).
-        for task_id, lease in broker.leases.items():
-            node = broker.nodes.get(lease.node)
-            if node is not None:
-                value = self.store.get(Table.LEASES, task_id.encode())
-                assert value is not None and value[8:].decode() == node.node_id, (
-                    f"{task_id} is held by {node.node_id}, stored as held by {value!r}"
-                )
-        # Queued records are stored at their queue position.
-        for name, priority, order in _queued(broker):
-            entry = self.store.get(Table.QUEUE, _U64.pack(order))
-            assert entry is not None
-            record = broker.view(msgpack.unpackb(entry)[0])
-            assert record is not None and record.status is TaskStatus.PENDING
-            assert (record.name, record.priority, record.order) == (name, priority, order)
+        check_recovery(self.broker, self.now)
 
 
 BrokerMachine.TestCase.settings = settings(
