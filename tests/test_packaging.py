@@ -27,6 +27,9 @@ def test_the_wheel_installs_only_the_flowrra_package(tmp_path: Path) -> None:
     # The broker and node code is inside, as real files, under the one namespace.
     assert "flowrra/broker/core.py" in names
     assert "flowrra/node/worker.py" in names
+    # The dashboard's page is package data (read with importlib.resources).
+    for asset in ("index.html", "dashboard.css", "dashboard.js"):
+        assert f"flowrra/dashboard/static/{asset}" in names, asset
     entry_points = zipfile.ZipFile(wheel).read(
         next(name for name in names if name.endswith("entry_points.txt"))
     )
