@@ -1,17 +1,34 @@
-"""The Flowrra wire protocol: frames, commands, encoding and decoding.
+"""The Flowrra wire protocol: frames, commands, values, limits, and a parser per body.
 
-This module is the whole wire contract shared by the broker, the node and the client. It
-imports msgpack and never zmq, so every rule here can be tested without sockets.
-``docs/protocol.md`` describes the same format frame by frame.
+This module is the whole wire contract shared by the broker, the node and the client (the
+bottom layer: it imports msgpack and :mod:`flowrra.errors`, never zmq, so every rule here is
+tested without sockets). ``docs/protocol.md`` describes the same format frame by frame.
 
-Every message is a list of frames (a ROUTER socket prepends the peer's routing id)::
+Every message is a list of frames (a ROUTER socket prepends the peer's routing id, and a
+publication its topic, :func:`encode_publication`)::
 
     [HEADER, COMMAND, BODY?]
 
-``HEADER`` is ``b"FLWR"`` followed by one version byte, ``COMMAND`` is one byte and ``BODY`` is
-one msgpack document whose shape depends on the command. Task arguments and results travel
-inside bodies as opaque msgpack ``bin`` blobs, so the broker stores and forwards them without
-decoding them. Nothing received from the network is ever unpickled or evaluated.
+``HEADER`` is ``b"FLWR"`` followed by one version byte (:data:`VERSION`; another version
+raises :class:`VersionMismatch`), ``COMMAND`` one byte (:class:`Command`) and ``BODY`` one
+msgpack document whose shape depends on the command. :func:`encode` and :func:`decode` handle
+the frames; a ``parse_*`` function per command checks a body and returns typed values
+(:class:`Submission`, :class:`Dispatch`, :class:`Outcome`, :class:`NodeReady`,
+:class:`Welcome`, :class:`Ack`, ...), raising :class:`~flowrra.errors.ProtocolError` for
+anything else.
+
+Values: arguments (:func:`pack_args`) and results (:func:`pack_value`) are msgpack, with one
+extension type for datetimes, and travel inside bodies as opaque ``bin`` blobs. The broker
+stores and forwards them without decoding them; for a workflow it splices the packed result
+of one step in front of the next step's arguments (:func:`prepend_arg`,
+:func:`pack_packed_list`), still without decoding. Nothing received from the network is ever
+unpickled or evaluated.
+
+Limits and defaults are defined here once and used by the client (``make_spec``,
+``check_priority``), the queues and the broker: priorities (:data:`MIN_PRIORITY` ..
+:data:`MAX_PRIORITY`), :data:`MAX_RETRIES`, :data:`MAX_TASK_NAME_CHARS`, task id length,
+:data:`MAX_MESSAGE_BYTES`, :data:`MAX_ITEMS_PER_MESSAGE`, the heartbeat interval and
+liveness, and :data:`DEFAULT_BROKER_URL`.
 """
 
 from __future__ import annotations
