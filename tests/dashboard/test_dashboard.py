@@ -656,6 +656,18 @@ async def test_broker_unavailable_then_back(launcher: Launcher, tmp_path: Path) 
             assert [e for e in browser.errors if unavailable not in e] == [], browser.errors
 
 
+async def test_sigterm_stops_the_server_at_once(stack: Stack, launcher: Launcher) -> None:
+    """SIGTERM stops uvicorn, closes the broker connection and exits 0, even after a
+    page polled: no response of the dashboard stays open."""
+    process = launch_dashboard(launcher, stack.broker.url)
+    url = dashboard_url(process)
+    async with aiohttp.ClientSession() as session:
+        status, _ = await get_json(session, f"{url}/api/status")
+        assert status == 200
+    assert process.terminate() == 0
+    assert process.find(r"dashboard stopped") is not None, process.log()
+
+
 async def test_curve_broker(launcher: Launcher, tmp_path: Path) -> None:
     """With a CURVE-protected broker the dashboard connects with its client keys."""
     broker_public, broker_secret = keygen(tmp_path / "broker-keys", "broker")
