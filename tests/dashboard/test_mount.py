@@ -188,3 +188,21 @@ async def test_the_mounted_page_in_chromium(host: Host, tmp_path: Path) -> None:
         await browser.wait_for("document.getElementById('lookup-history') !== null")
         assert await browser.text("#lookup-error") == "ValueError: seen through the mount"
         assert browser.errors == [], browser.errors
+
+
+async def test_polling_stops_when_no_page_asks(broker: BrokerProcess) -> None:
+    """The poller ends by itself after ``idle_s`` without requests, dropping its broker
+    connection; the next request starts both again (no server: httpx calls the app)."""
+    dashboard = asgi_app(broker.url, poll_interval_s=0.05, idle_s=0.3)
+    transport = httpx.ASGITransport(app=dashboard)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://mounted") as client:
+            assert (await client.get("/api/status")).json()["available"] is True
+            poller = dashboard.dashboard._poller
+            assert poller is not None
+            await asyncio.wait_for(poller, 10)  # returns once idle
+            assert dashboard.dashboard._poller is None and dashboard.dashboard._client is None
+            assert (await client.get("/api/status")).json()["available"] is True
+            assert dashboard.dashboard._poller is not None
+    finally:
+        await dashboard.aclose()
