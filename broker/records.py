@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from flowrra.errors import ProtocolError
-from flowrra.protocol import Submission, TaskStatus
+from flowrra.protocol import Submission, TaskStatus, same_call
 
 _RECORD_FORMAT = 2
 
@@ -150,8 +150,8 @@ class TaskRecord:
 
     def is_call_of(self, sub: Submission) -> bool:
         """True when ``sub`` is the call this task was submitted as (same task, same
-        arguments): a resubmit of it is idempotent."""
-        return self.name == sub.name and self.payload == sub.payload
+        arguments, whatever the payloads' headers): a resubmit of it is idempotent."""
+        return self.name == sub.name and same_call(self.payload, sub.payload)
 
     def public_size(self) -> int:
         """Roughly the encoded size of :meth:`public` (its blobs and texts dominate)."""

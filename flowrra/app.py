@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flowrra import protocol
+from flowrra import protocol, tracing
 from flowrra.blocking import BlockingFlowrra
 from flowrra.client import BrokerClient
 from flowrra.errors import BrokerUnavailable, FlowrraError, SubmitRejected, TaskNotFoundError
@@ -182,6 +182,7 @@ class Flowrra:
         """Connect to the broker, or start the embedded broker and node."""
         if self._client is not None:
             return
+        tracing.refresh()  # configure OpenTelemetry before this (docs/tracing.md)
         if self.embedded:
             hub = await self._start_embedded()
             client = BrokerClient(
@@ -358,7 +359,11 @@ class Flowrra:
         client = self._connected()
         submission = self._submission(client, spec, args, kwargs, priority, task_id, times)
         # An explicit task_id always waits: its caller wants to hear of a conflict now.
-        await client.submit([submission], confirm=self.confirm_submits or task_id is not None)
+        confirm = self.confirm_submits or task_id is not None
+        if tracing.tracer is None:
+            await client.submit([submission], confirm=confirm)
+        else:
+            await tracing.submit(client.submit, [submission], confirm=confirm)
         return submission.task_id
 
     async def submit_many(
@@ -395,7 +400,10 @@ class Flowrra:
             submissions.append(self._submission(client, spec, args, kwargs, priority, None, times))
         task_ids = [s.task_id for s in submissions]
         try:
-            await client.submit(submissions)
+            if tracing.tracer is None:
+                await client.submit(submissions)
+            else:
+                await tracing.submit(client.submit, submissions)
         except SubmitRejected as exc:
             exc.task_ids = task_ids  # the others were accepted and will run
             raise
@@ -490,7 +498,12 @@ class Flowrra:
             wire_steps.append(wire)
             ids.append([item[0] for item in wire])
         declared = {"id": workflow_id or client.new_task_id(), "kind": kind, "steps": wire_steps}
-        stored = await self.admin("workflow_submit", workflow=declared)
+        if tracing.tracer is None:
+            stored = await self.admin("workflow_submit", workflow=declared)
+        else:
+            with tracing.Producing() as producing:
+                declared["steps"] = producing.add_steps(wire_steps)
+                stored = await self.admin("workflow_submit", workflow=declared)
         stored_ids: list[list[str]] = stored["steps"]
         return stored_ids
 

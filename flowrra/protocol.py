@@ -233,23 +233,74 @@ def pack_args(args: Sequence[object], kwargs: dict[str, object]) -> bytes:
 
 
 def unpack_args(payload: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Decode a blob from :func:`pack_args`."""
+    """Decode a blob from :func:`pack_args` (a payload with headers, see :func:`with_headers`,
+    decodes to the same arguments: the headers are left out)."""
     decoded = unpack_value(payload)
     if (
         not isinstance(decoded, list)
-        or len(decoded) != 2
+        or not 2 <= len(decoded) <= 3
         or not isinstance(decoded[0], list)
         or not isinstance(decoded[1], dict)
+        or (len(decoded) == 3 and not isinstance(decoded[2], dict))
     ):
-        raise ProtocolError("task payload is not [args, kwargs]")
+        raise ProtocolError("task payload is not [args, kwargs] or [args, kwargs, headers]")
     return tuple(decoded[0]), decoded[1]
+
+
+# A payload's first byte: a msgpack array of 2, [args, kwargs], or of 3, [args, kwargs, headers].
+_CALL: Final = b"\x92"
+_CALL_WITH_HEADERS: Final = b"\x93"
+
+
+def with_headers(payload: bytes, headers: dict[str, str]) -> bytes:
+    """``payload`` (of :func:`pack_args`) with ``headers`` as its third element: a map of
+    strings the node reads and everything else ignores (a trace context, docs/tracing.md).
+    The arguments are not decoded; headers it had already are replaced."""
+    if payload[:1] not in (_CALL, _CALL_WITH_HEADERS):
+        raise ProtocolError("task payload is not [args, kwargs]")
+    call = split_headers(payload)[0]
+    return _CALL_WITH_HEADERS + call[1:] + pack_value(headers)
+
+
+def split_headers(payload: bytes) -> tuple[bytes, dict[str, str] | None]:
+    """``(the payload as [args, kwargs], its headers or None)``. Headers are decoded; the
+    arguments only skipped over."""
+    if payload[:1] != _CALL_WITH_HEADERS:
+        return payload, None
+    unpacker = msgpack.Unpacker(ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    try:
+        unpacker.feed(payload)
+        unpacker.read_array_header()
+        unpacker.skip()
+        unpacker.skip()
+        end = unpacker.tell()
+        headers = unpacker.unpack()
+    except Exception as exc:
+        raise ProtocolError(f"undecodable task payload: {exc}") from exc
+    if unpacker.tell() != len(payload) or not isinstance(headers, dict):
+        raise ProtocolError("task payload's headers are not a map")
+    return _CALL + payload[1:end], headers
+
+
+def same_call(payload: bytes, other: bytes) -> bool:
+    """True when two payloads carry the same arguments, whatever their headers (a resubmit
+    under a known task id from another trace is still the same call)."""
+    if payload == other:
+        return True
+    if payload[:1] != _CALL_WITH_HEADERS and other[:1] != _CALL_WITH_HEADERS:
+        return False
+    try:
+        return split_headers(payload)[0] == split_headers(other)[0]
+    except ProtocolError:
+        return False
 
 
 def prepend_arg(payload: bytes, value: bytes) -> bytes:
     """The packed ``[args, kwargs]`` of :func:`pack_args` with the packed ``value`` put
     before the first positional argument (a workflow hands a result on). Works on the
-    msgpack framing alone: neither the arguments nor the value are decoded."""
-    if len(payload) < 2 or payload[0] != 0x92:
+    msgpack framing alone: neither the arguments nor the value are decoded, and headers
+    (:func:`with_headers`) are kept."""
+    if len(payload) < 2 or payload[:1] not in (_CALL, _CALL_WITH_HEADERS):
         raise ProtocolError("task payload is not [args, kwargs]")
     header = payload[1]
     if 0x90 <= header <= 0x9F:
@@ -260,7 +311,7 @@ def prepend_arg(payload: bytes, value: bytes) -> bytes:
         count, rest = int.from_bytes(payload[2:6], "big"), payload[6:]
     else:
         raise ProtocolError("task payload's args are not an array")
-    return b"\x92" + _array_header(count + 1) + value + rest
+    return payload[:1] + _array_header(count + 1) + value + rest
 
 
 def pack_packed_list(values: Sequence[bytes]) -> bytes:

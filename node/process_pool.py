@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
+from flowrra import tracing
 from flowrra.errors import RemoteTaskError, TaskTimeoutError, WorkerLostError
 from flowrra.progress import Progress, Throttle, current_sink
 from flowrra.protocol import pack_value, unpack_args
@@ -103,7 +104,8 @@ def _run_one(
         if func is None:
             func = cache[key] = _resolve(module_name, qualname)
         args, kwargs = unpack_args(payload)
-        return [True, pack_value(func(*args, **kwargs))]
+        with tracing.context_of(payload):  # the attempt's span, for spans the task makes
+            return [True, pack_value(func(*args, **kwargs))]
     except BaseException as exc:  # SystemExit from a task is reported too, not obeyed
         return [False, [type(exc).__qualname__, _text(exc), _text(traceback.format_exc())]]
     finally:
@@ -250,6 +252,8 @@ class ProcessPool:
         worker.call = call
         worker.call_name = ref.qualname
         worker.on_progress = on_progress
+        if tracing.tracer is not None:
+            payload = tracing.with_current_context(payload)  # the attempt's span
         with contextlib.suppress(OSError):  # a dying process: its sentinel will fail `call`
             worker.conn.send_bytes(_pack([ref.module, ref.qualname, payload]))
         try:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from flowrra import protocol
+from flowrra import protocol, tracing
 from flowrra.errors import ProtocolError, RemoteTaskError, TaskTimeoutError
 from flowrra.node.heartbeat import HeartbeatThread
 from flowrra.node.process_pool import FunctionRef, ProcessPool
@@ -113,6 +113,7 @@ class Node:
         self._wakeup.set()
 
     async def run(self) -> None:
+        tracing.refresh()  # configure OpenTelemetry before this (docs/tracing.md)
         if self.processes:
             self._pool = ProcessPool(self.processes)
             await self._pool.start()
@@ -299,12 +300,16 @@ class Node:
         started = time.time()
         value: bytes | None = None
         error: ErrorInfo | None = None
+        # The attempt's span (docs/tracing.md), current while the task runs.
+        run = tracing.start_run(dispatch, self.node_id) if tracing.tracer is not None else None
         try:
             value = await self._call(dispatch)
         except asyncio.CancelledError:
             if (dispatch.task_id, dispatch.attempt) not in self._cancelled:
                 if self._running.get(dispatch.task_id, (None,))[0] == dispatch.attempt:
                     del self._running[dispatch.task_id]
+                if run is not None:
+                    tracing.end_run(run, None, tracing.RETURNED)
                 raise
             self._cancelled.discard((dispatch.task_id, dispatch.attempt))
             error = ErrorInfo("CancelledError", "cancelled at the broker's request", None)
@@ -323,6 +328,8 @@ class Node:
                 None,
             )
             value = None
+        if run is not None:
+            tracing.end_run(run, error)
         entry = self._running.get(dispatch.task_id)
         if entry is not None and entry[0] == dispatch.attempt:
             del self._running[dispatch.task_id]

@@ -659,7 +659,19 @@ def test_args_round_trip() -> None:
 
 @pytest.mark.parametrize(
     "decoded",
-    [None, 1, "x", [], [[]], [[], {}, {}], [{}, []], [(), "kwargs"], [[1], None], {"a": 1}],
+    [
+        None,
+        1,
+        "x",
+        [],
+        [[]],
+        [[], {}, "headers"],
+        [[], {}, {}, {}],
+        [{}, []],
+        [(), "kwargs"],
+        [[1], None],
+        {"a": 1},
+    ],
 )
 def test_unpack_args_rejects_non_args_kwargs(decoded: object) -> None:
     with pytest.raises(ProtocolError, match=r"\[args, kwargs\]"):
