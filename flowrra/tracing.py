@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 from flowrra.protocol import Dispatch, ErrorInfo, Submission, split_headers, with_headers
 
 if TYPE_CHECKING:
+    from contextvars import Token
     from types import TracebackType
 
     from opentelemetry.context import Context
@@ -168,7 +169,7 @@ class Run:
 
     __slots__ = ("span", "token")
 
-    def __init__(self, span: Span, token: object) -> None:
+    def __init__(self, span: Span, token: Token[Context]) -> None:
         self.span = span
         self.token = token
 
@@ -221,7 +222,7 @@ def end_run(run: Run, error: ErrorInfo | None, outcome: str | None = None) -> No
         span.add_event("exception", attributes)
         _fail(span, error.exc_type, error.message)
     span.end()
-    context.detach(run.token)  # type: ignore[arg-type]
+    context.detach(run.token)
 
 
 def with_current_context(payload: bytes) -> bytes:
