@@ -314,6 +314,21 @@ async def test_a_resubmit_from_another_trace_is_the_same_call(otel: Traced) -> N
     assert len(otel.spans(run_name(traced.echo))) == 1
 
 
+def test_app_sync_submits_in_the_calling_threads_trace(otel: Traced) -> None:
+    """``app.sync`` runs the submit in its loop thread, with the caller's context."""
+    app = embedded()
+    try:
+        with otel.tracer.start_as_current_span("request") as request:
+            task_id = app.sync.submit(traced.current)
+        seen = app.sync.wait_for_result(task_id, timeout=10).result
+    finally:
+        app.sync.close()
+    assert seen["trace_id"] == format(request.get_span_context().trace_id, "032x")
+    submit = otel.one(submit_name(traced.current))
+    assert submit.parent is not None
+    assert submit.parent.span_id == request.get_span_context().span_id
+
+
 async def test_without_a_provider_nothing_is_traced_and_payloads_have_no_headers(
     untraced: None,
 ) -> None:
