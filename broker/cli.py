@@ -149,6 +149,14 @@ _DEFAULTS = BrokerConfig()
     "counts as lost and runs again.",
 )
 @click.option(
+    "--cpu-prefetch",
+    default=_DEFAULTS.cpu_prefetch,
+    type=click.IntRange(min=0),
+    help="cpu_bound tasks dispatched ahead per worker process of a node, so that a worker "
+    "never waits for the next dispatch (0: none). Tasks with fleet-wide limits or a "
+    "deadline never are.",
+)
+@click.option(
     "--curve-secret-key",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
@@ -190,6 +198,7 @@ def main(
     max_message_bytes: int,
     max_worker_losses: int,
     lease_grace: float,
+    cpu_prefetch: int,
     curve_secret_key: str | None,
     node_keys: str | None,
     client_keys: str | None,
@@ -212,6 +221,7 @@ def main(
         max_message_bytes=max_message_bytes,
         max_worker_losses=max_worker_losses,
         lease_grace_s=lease_grace,
+        cpu_prefetch=cpu_prefetch,
         curve_secret_key=curve_secret_key,
         node_keys=node_keys,
         client_keys=client_keys,

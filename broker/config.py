@@ -31,6 +31,9 @@ class BrokerConfig:
     # An attempt of a task with a timeout that no node reported within timeout + this grace
     # is treated as lost (its node heartbeats but never answers) and runs again.
     lease_grace_s: float = 30.0
+    # Tasks dispatched ahead per cpu slot of a node, to run as soon as a worker process frees
+    # (0: one task per free slot). Tasks with fleet-wide limits or a deadline never are.
+    cpu_prefetch: int = 1
     curve_secret_key: str | None = None  # enables CURVE with the two key directories below
     node_keys: str | None = None
     client_keys: str | None = None

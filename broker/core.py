@@ -21,7 +21,7 @@ from flowrra.broker.config import BrokerConfig
 from flowrra.broker.limits import Limits
 from flowrra.broker.queues import TaskQueues
 from flowrra.broker.records import Attempt, TaskRecord
-from flowrra.broker.registry import Lease, NodeRegistry, NodeState
+from flowrra.broker.registry import KINDS, Lease, NodeRegistry, NodeState
 from flowrra.broker.repository import TaskRepository
 from flowrra.broker.scheduling import Schedules
 from flowrra.broker.store import Store
@@ -166,7 +166,9 @@ class Broker:
             config.max_message_bytes,
         ).to_wire()
         self.queues = TaskQueues()
-        self.nodes = NodeRegistry(config.heartbeat_interval_ms, config.heartbeat_liveness)
+        self.nodes = NodeRegistry(
+            config.heartbeat_interval_ms, config.heartbeat_liveness, config.cpu_prefetch
+        )
         self.leases: dict[str, Lease] = {}
         self.timers = Timers()
         self.outbox = Outbox()
@@ -218,26 +220,70 @@ class Broker:
         self.repo.enqueue(record)
         self.queues.push(record.name, record.priority, record.order)
 
-    def _lease(self, record: TaskRecord, kind: SlotKind, peer: bytes, now: float) -> Lease:
+    def _lease(self, record: TaskRecord, kind: SlotKind, node: NodeState, now: float) -> Lease:
         self.repo.lease(record)
-        lease = Lease(record.task_id, record.attempt, kind, peer, record, record.name)
+        lease = Lease(record.task_id, record.attempt, kind, node.peer, record, record.name)
         self.leases[record.task_id] = lease
-        self._watch_deadline(record, now)
+        self._occupy(node, lease, now)
         return lease
 
-    def _watch_deadline(self, record: TaskRecord, now: float) -> None:
-        """A node must report an attempt of a task with a timeout within timeout + grace."""
-        if record.timeout_s is not None:
-            deadline = now + record.timeout_s + self.config.lease_grace_s
-            heapq.heappush(self._deadlines, (deadline, record.task_id, record.attempt))
+    def _occupy(self, node: NodeState, lease: Lease, now: float) -> None:
+        """Count an attempt a node holds (dispatched now, or adopted): on a free slot, where
+        it starts now, or else dispatched ahead, waiting on the node for the next slot."""
+        kind = lease.kind
+        node.leases.add(lease.task_id)
+        if node.free[kind] > 0 or len(node.waiting[kind]) >= node.prefetch[kind]:
+            # (With neither left, after a re-registration, it runs over the count.)
+            node.free[kind] = max(0, node.free[kind] - 1)
+            if lease.waiting or lease.deadline is None:
+                self._watch_deadline(lease, now)
+            lease.waiting = False
+        else:
+            lease.waiting = True
+            lease.deadline = None  # its timeout starts when it gets a slot
+            node.waiting[kind][(lease.task_id, lease.attempt)] = None
+
+    def _slot_back(
+        self, node: NodeState, kind: SlotKind, task_id: str, attempt: int, now: float
+    ) -> None:
+        """A node reported an attempt: its slot (or its place ahead) is free. The oldest
+        attempt waiting on the node takes the slot: the node started it as the slot freed."""
+        waiting = node.waiting[kind]
+        if waiting:
+            if (task_id, attempt) in waiting:
+                del waiting[(task_id, attempt)]  # it held no slot
+                return
+            for key in waiting:
+                lease = self.leases.get(key[0])
+                if lease is not None and lease.attempt == key[1] and lease.node == node.peer:
+                    del waiting[key]
+                    lease.waiting = False
+                    # Counted from now, when the broker learns of it: never before its start.
+                    self._watch_deadline(lease, now)
+                    return
+        node.free[kind] += 1
+
+    def _watch_deadline(self, lease: Lease, now: float) -> None:
+        """A node must report a started attempt of a task with a timeout within timeout +
+        grace (an attempt dispatched ahead: from when it gets its slot)."""
+        record = self._leased_record(lease)
+        if record is not None and record.timeout_s is not None:
+            lease.deadline = now + record.timeout_s + self.config.lease_grace_s
+            heapq.heappush(self._deadlines, (lease.deadline, lease.task_id, lease.attempt))
 
     def reclaim_overdue(self, now: float) -> None:
-        """Attempts that outlived their timeout + grace unreported are lost: run them again."""
+        """Attempts that outlived their timeout + grace unreported are lost: run them again,
+        and take back the attempts waiting behind them on that node."""
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, task_id, attempt = heapq.heappop(deadlines)
+            deadline, task_id, attempt = heapq.heappop(deadlines)
             lease = self.leases.get(task_id)
-            if lease is None or lease.attempt != attempt or lease.node == _ORPHAN:
+            if (
+                lease is None
+                or lease.attempt != attempt
+                or lease.node == _ORPHAN
+                or lease.deadline != deadline  # superseded: the attempt waited, or was adopted
+            ):
                 continue
             node = self.nodes.get(lease.node)
             log.warning(
@@ -253,6 +299,24 @@ class Broker:
                 node.unreported[(task_id, attempt)] = lease.kind
             self.counters["overdue"] += 1
             self._requeue_lost(task_id, now, count_loss=True)
+            if node is not None:
+                self._take_back_waiting(node, lease.kind, now)
+
+    def _take_back_waiting(self, node: NodeState, kind: SlotKind, now: float) -> None:
+        """A node that does not report a started attempt may never start those waiting
+        behind it: cancel them there and queue them again (no loss counted; each keeps its
+        place ahead until the node reports it)."""
+        taken: list[list[Any]] = []
+        for task_id, attempt in list(node.waiting[kind]):
+            lease = self.leases.get(task_id)
+            if lease is None or lease.attempt != attempt or lease.node != node.peer:
+                continue  # taken back already, waiting for its report
+            node.leases.discard(task_id)
+            node.unreported[(task_id, attempt)] = kind
+            taken.append([task_id, attempt])
+            self._requeue_lost(task_id, now, count_loss=False)
+        if taken:
+            self.outbox.send(node.peer, Command.CANCEL, taken)
 
     def _leased_record(self, lease: Lease) -> TaskRecord | None:
         """The record of a running task, as it is now (loaded once, then cached)."""
@@ -384,8 +448,8 @@ class Broker:
         for node in self.nodes:
             node.leases.clear()
             node.free = dict(node.slots)
-            for kind in node.unreported.values():  # taken back, but possibly still running
-                node.free[kind] = max(0, node.free[kind] - 1)
+            waiting, node.waiting = node.waiting, {kind: {} for kind in KINDS}
+            self._keep_unreported(node, node.unreported, waiting)
         # Committed leases go back to the connections that held them, and only those.
         self.recover(now, quiet=True, held_before=held_before)
 
@@ -400,10 +464,22 @@ class Broker:
         lease.kind = SlotKind.CPU if record.name in node.names[SlotKind.CPU] else SlotKind.ASYNC
         lease.node = node.peer
         record.node_id = node.node_id
-        node.leases.add(lease.task_id)
-        node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
-        self._watch_deadline(record, now)
+        self._occupy(node, lease, now)
         return True
+
+    @staticmethod
+    def _keep_unreported(
+        node: NodeState,
+        unreported: dict[tuple[str, int], SlotKind],
+        waiting: dict[SlotKind, dict[tuple[str, int], None]],
+    ) -> None:
+        """Attempts taken back from a node (before it re-registered, or before a lost tick)
+        still hold their slot, or their place ahead, until the node reports them."""
+        for key, kind in unreported.items():
+            if key in waiting[kind]:
+                node.waiting[kind][key] = None
+            else:
+                node.free[kind] = max(0, node.free[kind] - 1)
 
     def requeue_orphans(self, now: float) -> None:
         """Re-queue recovered in-flight attempts that no node claimed in time."""
@@ -651,11 +727,7 @@ class Broker:
         node = self.nodes.add(peer, ready, now_ms)
         if previous is not None and previous.peer == peer:
             node.unreported.update(previous.unreported)
-            for kind in previous.unreported.values():
-                node.free[kind] = max(0, node.free[kind] - 1)
-        for lease in in_transit:
-            node.leases.add(lease.task_id)
-            node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
+            self._keep_unreported(node, previous.unreported, previous.waiting)
         self.limits.update(ready.limits)
         superseded: list[list[Any]] = []
         for task_id, attempt in adopted.items():
@@ -674,8 +746,10 @@ class Broker:
                 # It moves over from this node's previous connection. Another node's lease
                 # is never taken over: only its holder may complete an attempt.
                 lease.node = peer
-                node.leases.add(task_id)
-                node.free[lease.kind] = max(0, node.free[lease.kind] - 1)
+                self._occupy(node, lease, now)
+        # Sent after its READY, so behind what it listed: those it ran take the slots first.
+        for lease in sorted(in_transit, key=lambda lease: lease.waiting):
+            self._occupy(node, lease, now)
         self.outbox.send(peer, Command.WELCOME, self.welcome)
         if superseded:
             self.outbox.send(peer, Command.CANCEL, superseded)
@@ -704,10 +778,8 @@ class Broker:
         record.attempt = attempt
         record.status = TaskStatus.RUNNING
         record.node_id = node.node_id
-        self._lease(record, kind, node.peer, now)
+        self._lease(record, kind, node, now)
         self.limits.started(record.name, now)
-        node.leases.add(task_id)
-        node.free[kind] = max(0, node.free[kind] - 1)
         self.counters["adopted_dispatches"] += 1
         return True
 
@@ -740,7 +812,10 @@ class Broker:
 
     def _release_node(self, node: NodeState, now: float, *, lost: bool) -> None:
         for task_id in list(node.leases):
-            self._requeue_lost(task_id, now, count_loss=lost)
+            lease = self.leases.get(task_id)
+            # An attempt waiting on the node for a slot never ran there: no loss to count.
+            waited = lease is not None and lease.waiting
+            self._requeue_lost(task_id, now, count_loss=lost and not waited)
         if not lost:
             log.info("node %s left", node.node_id)
 
@@ -787,27 +862,71 @@ class Broker:
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float) -> None:
-        """Hand queued tasks to nodes with free slots, one per node per round (fair spread)."""
-        if not len(self.queues) or now < self._dispatch_after:
+        """Hand queued tasks to nodes with free slots, one per node per round (fair spread);
+        then, on nodes whose cpu slots are all busy, one task per slot to run next (dispatched
+        ahead, so that a worker process does not idle for a round trip between two tasks)."""
+        queues = self.queues
+        if not len(queues) or now < self._dispatch_after:
             return
         nodes = self.nodes.with_credit()
         limits = self.limits
-        while nodes and len(self.queues):
-            still: list[NodeState] = []
-            for node in nodes:
-                took = False
-                for kind in SlotKind:
-                    names = node.names[kind]
-                    if limits and names:  # names at their fleet-wide limit wait, queued
-                        names = tuple(n for n in names if limits.allows(n, now))
-                    if node.free[kind] > 0 and names:
-                        picked = self.queues.pop_best(names)
-                        if picked is not None:
+        held: set[str] = set()  # names whose best task may not wait on a node (this tick)
+        for ahead in (False, True):
+            if ahead and not (self.nodes.cpu_prefetch and len(queues)):
+                return
+            current = nodes
+            while current and len(queues):
+                still: list[NodeState] = []
+                for node in current:
+                    took = False
+                    for kind in KINDS:
+                        names = node.names[kind]
+                        if not names:
+                            continue
+                        if ahead:
+                            if node.free[kind] or len(node.waiting[kind]) >= node.prefetch[kind]:
+                                continue
+                            if node.unreported and self._owes_reports(node, kind):
+                                continue
+                            if limits:
+                                # A limited task never waits on a node: its limits count what
+                                # runs, and when it would start is not known here.
+                                names = tuple(n for n in names if n not in limits.names)
+                            if held:
+                                names = tuple(n for n in names if n not in held)
+                        else:
+                            if node.free[kind] <= 0:
+                                continue
+                            if limits:  # names at their fleet-wide limit wait, queued
+                                names = tuple(n for n in names if limits.allows(n, now))
+                        if names:
+                            picked = queues.pop_best(names)
+                            if picked is None:
+                                continue
+                            if ahead and not self._may_wait(picked[2]):
+                                queues.push(*picked)  # back at its place, for a free slot
+                                held.add(picked[0])
+                                took = True  # (the node may still take another name's)
+                                continue
                             self._start_attempt(node, kind, picked[2], now)
                             took = True
-                if took and node.has_credit():
-                    still.append(node)
-            nodes = still
+                    if took:
+                        still.append(node)
+                current = still
+
+    def _may_wait(self, order: int) -> bool:
+        """May this queued task be sent ahead? Not with a deadline: it must start before
+        it, and when a task sent ahead starts depends on the task before it."""
+        task_id = self.repo.queued_task(order)
+        record = None if task_id is None else self.repo.get(task_id)
+        return record is None or record.deadline is None
+
+    @staticmethod
+    def _owes_reports(node: NodeState, kind: SlotKind) -> bool:
+        """Attempts taken back from the node's slots (overdue, cancelled) are unreported: it
+        may be stuck in them, so nothing is sent to wait behind them."""
+        waiting = node.waiting[kind]
+        return any(k is kind and key not in waiting for key, k in node.unreported.items())
 
     def _start_attempt(self, node: NodeState, kind: SlotKind, order: int, now: float) -> None:
         task_id = self.repo.take_queued(order)
@@ -823,13 +942,11 @@ class Broker:
         record.attempt += 1
         record.status = TaskStatus.RUNNING
         record.node_id = node.node_id
-        self._lease(record, kind, node.peer, now)
+        self._lease(record, kind, node, now)
         self.limits.started(record.name, now)
         for observer in self.observers:
             waited = time.time() - (record.queued_at or record.submitted_at)
             observer.started(record.name, max(0.0, waited), record.task_id)
-        node.leases.add(task_id)
-        node.free[kind] -= 1
         if self.watched:
             self._publish_to_watchers(record)
         self.outbox.tasks[node.peer].append(
@@ -850,7 +967,7 @@ class Broker:
                 if node is not None and node.unreported:
                     kind = node.unreported.pop((outcome.task_id, outcome.attempt), None)
                     if kind is not None:  # a taken-back attempt ended after all: slot is free
-                        node.free[kind] += 1
+                        self._slot_back(node, kind, outcome.task_id, outcome.attempt, now)
                 self.counters["stale_results"] += 1
                 log.debug("ignored a stale result for %s#%d", outcome.task_id, outcome.attempt)
                 continue
@@ -871,7 +988,7 @@ class Broker:
             self._end_lease(outcome.task_id)
             if node is not None:
                 node.leases.discard(outcome.task_id)
-                node.free[lease.kind] += 1
+                self._slot_back(node, lease.kind, outcome.task_id, outcome.attempt, now)
                 if outcome.ok:
                     node.tasks_done += 1
                 else:

@@ -2,6 +2,10 @@
 
 Pure logic with an injected clock (times in milliseconds), so heartbeat expiry is tested
 without sleeping.
+
+Credit per slot kind: ``free`` counts the slots with nothing running, and ``waiting`` the
+attempts dispatched ahead to run next (at most ``prefetch`` of them, cpu slots only), which the
+node queues for its worker processes in the order they arrive.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from dataclasses import dataclass, field
 
 from flowrra.broker.records import TaskRecord
 from flowrra.protocol import NodeReady, SlotKind
+
+KINDS = (SlotKind.ASYNC, SlotKind.CPU)  # iterating the enum itself is slower, per dispatch
 
 
 @dataclass(slots=True)
@@ -30,6 +36,10 @@ class Lease:
     # For an orphan recovered from the store: the node the attempt was given to. Only it may
     # adopt the attempt (after a lost tick the same attempt number may have gone elsewhere).
     owner: str = ""
+    # Dispatched ahead: waits on its node for a worker, so its timeout has not started.
+    waiting: bool = False
+    # When the attempt counts as overdue (timeout + grace from its start); None: never.
+    deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -43,6 +53,8 @@ class NodeState:
     slots: dict[SlotKind, int]
     free: dict[SlotKind, int]
     names: dict[SlotKind, tuple[str, ...]]  # task names served, per slot kind
+    # Attempts that may wait on the node for a slot of each kind (dispatched ahead).
+    prefetch: dict[SlotKind, int]
     last_seen_ms: float
     last_sent_ms: float
     joined_ms: float
@@ -53,6 +65,12 @@ class NodeState:
     tasks_done: int = 0
     tasks_failed: int = 0
     paused: bool = False  # draining for shutdown: finishes what it holds, takes nothing new
+    # Attempts dispatched ahead, (task id, attempt), oldest first, per kind: current ones and
+    # ones taken back but not yet reported. They hold no slot; the oldest current one takes
+    # the next slot that frees (the node runs them in the order they arrived).
+    waiting: dict[SlotKind, dict[tuple[str, int], None]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
 
     @property
     def names_all(self) -> frozenset[str]:
@@ -62,14 +80,19 @@ class NodeState:
     def has_credit(self) -> bool:
         if self.paused:
             return False
-        return any(self.free[kind] > 0 and self.names[kind] for kind in SlotKind)
+        return any(self.credit(kind) and self.names[kind] for kind in KINDS)
+
+    def credit(self, kind: SlotKind) -> int:
+        """How many more attempts of ``kind`` it may be sent: free slots, then ahead."""
+        return self.free[kind] + self.prefetch[kind] - len(self.waiting[kind])
 
 
 class NodeRegistry:
     """Nodes by routing id, with liveness expiry."""
 
-    def __init__(self, heartbeat_interval_ms: int, liveness: int) -> None:
+    def __init__(self, heartbeat_interval_ms: int, liveness: int, cpu_prefetch: int = 0) -> None:
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.cpu_prefetch = cpu_prefetch  # attempts dispatched ahead per cpu slot
         self.expiry_ms = heartbeat_interval_ms * liveness
         self._nodes: dict[bytes, NodeState] = {}
         self._by_node_id: dict[str, NodeState] = {}
@@ -90,7 +113,7 @@ class NodeRegistry:
     def add(self, peer: bytes, ready: NodeReady, now_ms: float) -> NodeState:
         slots = {SlotKind.ASYNC: ready.async_slots, SlotKind.CPU: ready.cpu_slots}
         names = {
-            kind: tuple(sorted(n for n, k in ready.tasks.items() if k is kind)) for kind in SlotKind
+            kind: tuple(sorted(n for n, k in ready.tasks.items() if k is kind)) for kind in KINDS
         }
         node = NodeState(
             peer=peer,
@@ -100,6 +123,7 @@ class NodeRegistry:
             slots=slots,
             free=dict(slots),
             names=names,
+            prefetch={SlotKind.ASYNC: 0, SlotKind.CPU: ready.cpu_slots * self.cpu_prefetch},
             last_seen_ms=now_ms,
             last_sent_ms=now_ms,
             joined_ms=now_ms,

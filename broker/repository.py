@@ -152,6 +152,11 @@ class TaskRepository:
         task_id: str = msgpack.unpackb(entry)[0]
         return task_id
 
+    def queued_task(self, order: int) -> str | None:
+        """The task id a queue entry holds, left in place (None if there is none)."""
+        entry = self.store.get(Table.QUEUE, _U64.pack(order))
+        return None if entry is None else msgpack.unpackb(entry)[0]
+
     def queued(self) -> Iterator[tuple[int, str, int]]:
         """``(order, name, priority)`` of every queue entry, in order (for recovery)."""
         for key, entry in self.store.scan(Table.QUEUE):

@@ -237,17 +237,21 @@ class ProcessPool:
         payload: bytes,
         timeout_s: float | None,
         on_progress: Callable[[Progress], None] | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> bytes:
         """Run one call in a worker process and return its packed result.
 
         ``timeout_s`` counts from when a worker takes the call, not while waiting for a free
-        one. Raises RemoteTaskError when the function raises (or its result cannot be encoded),
-        TaskTimeoutError when it overruns and WorkerLostError when its process dies.
+        one; ``on_start`` is called then. Raises RemoteTaskError when the function raises (or
+        its result cannot be encoded), TaskTimeoutError when it overruns and WorkerLostError
+        when its process dies.
         """
         if not self._started or self._closing is not None:
             raise RuntimeError("process pool is not running")
         loop = asyncio.get_running_loop()
         worker = await self._acquire()
+        if on_start is not None:
+            on_start()
         call: asyncio.Future[Any] = loop.create_future()
         worker.call = call
         worker.call_name = ref.qualname

@@ -2,7 +2,9 @@
 
 ``async def`` tasks run on the node's event loop, plain functions in a thread pool (so they
 cannot stall it) and ``cpu_bound`` functions in the node's :class:`ProcessPool`. The broker
-only sends a task while the node has a free slot of the right kind, so nothing queues here.
+only sends a task while the node has a free slot of the right kind, except that it may send
+one ``cpu_bound`` task per worker process ahead (``cpu_prefetch``): such a task waits here,
+in arrival order, for the next free worker, and its timeout and start time count from then.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class Node:
         self._threads: ThreadPoolExecutor | None = None
         self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
         self._cancelled: set[tuple[str, int]] = set()  # attempts the broker cancelled
+        # cpu_bound attempts dispatched ahead, waiting for a worker process (not yet started).
+        self._waiting: set[tuple[str, int]] = set()
         # Latest progress per running task, sent every PROGRESS_INTERVAL_S (coalesced).
         self._progress: dict[str, list[Any]] = {}
         self._progress_handle: asyncio.TimerHandle | None = None
@@ -159,7 +163,12 @@ class Node:
     def _held_attempts(self) -> list[tuple[str, int]]:
         """Attempts this node still answers for: running, or finished with the outcome not
         yet confirmed, so the broker keeps their leases instead of running them again."""
-        held = {task_id: attempt for task_id, (attempt, _) in self._running.items()}
+        # Started attempts first: the broker gives the first ones its slots, the rest wait.
+        running = sorted(
+            ((task_id, attempt) for task_id, (attempt, _) in self._running.items()),
+            key=lambda held: held in self._waiting,
+        )
+        held = dict(running)
         for _, outcome in self._recent:
             held.setdefault(outcome[0], outcome[1])
         for outcome in self._outcomes:
@@ -271,7 +280,7 @@ class Node:
                 link.send(self._ready_message())
                 self._last_sent = now
             elif command is Command.ERROR:
-                code, text = protocol.parse_error(message.body)
+                code, text = protocol.parse_error(body)
                 log.error("broker error (%s): %s", code, text)
         except ProtocolError as exc:
             log.warning("dropped a malformed message from the broker: %s", exc)
@@ -297,13 +306,13 @@ class Node:
                 current[1].cancel()
 
     async def _execute(self, dispatch: Dispatch) -> None:
-        started = time.time()
+        started = [time.time()]  # a call that waits for a worker process starts later
         value: bytes | None = None
         error: ErrorInfo | None = None
         # The attempt's span (docs/tracing.md), current while the task runs.
         run = tracing.start_run(dispatch, self.node_id) if tracing.tracer is not None else None
         try:
-            value = await self._call(dispatch)
+            value = await self._call(dispatch, started)
         except asyncio.CancelledError:
             if (dispatch.task_id, dispatch.attempt) not in self._cancelled:
                 if self._running.get(dispatch.task_id, (None,))[0] == dispatch.attempt:
@@ -357,9 +366,23 @@ class Node:
         if spec.cpu_bound:
             if self._pool is None:
                 raise RuntimeError("this node runs no worker processes for cpu_bound tasks")
-            return await self._pool.run(
-                FunctionRef(spec.module, spec.qualname), dispatch.payload, timeout, on_progress
-            )
+            key = (dispatch.task_id, dispatch.attempt)
+
+            def on_start() -> None:
+                self._waiting.discard(key)
+                started[0] = time.time()
+
+            self._waiting.add(key)
+            try:
+                return await self._pool.run(
+                    FunctionRef(spec.module, spec.qualname),
+                    dispatch.payload,
+                    timeout,
+                    on_progress,
+                    on_start,
+                )
+            finally:
+                self._waiting.discard(key)
         args, kwargs = protocol.unpack_args(dispatch.payload)
         # report_progress() in the task (on this loop, or in a thread) lands in on_progress,
         # at most every PROGRESS_INTERVAL_S.
@@ -426,6 +449,8 @@ class Node:
 
     def _send_results(self, batch: list[list[Any]]) -> None:
         assert self._link is not None
+        if self._link.send_body(Command.RESULTS, batch):
+            return  # in-process: handed over unencoded (outcome texts are always encodable)
         try:
             frames = protocol.encode(Command.RESULTS, batch)
         except Exception:

@@ -7,6 +7,7 @@ are not exported anywhere, the tasks report what they see instead.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -21,8 +22,10 @@ if os.environ.get("TRACED_APP_PROVIDER") == "1":
 
 app = Flowrra.from_urls(processes=1)
 
-# Attempts so far per key, for flaky() (embedded tests only: the node is this process).
+# Attempts so far per key, for flaky(), and the keys of the sleepy() calls that started
+# (embedded tests only: the node is this process).
 attempts: dict[str, int] = {}
+started: set[str] = set()
 
 
 def seen() -> dict[str, Any]:
@@ -75,3 +78,10 @@ async def boom(message: str) -> None:
 @app.task(max_retries=0)
 async def echo(*args: Any, **kwargs: Any) -> list[Any]:
     return [list(args), kwargs]
+
+
+@app.task(max_retries=0)
+async def sleepy(key: str) -> None:
+    """Note ``key`` in ``started``, then sleep until cancelled."""
+    started.add(key)
+    await asyncio.sleep(3600)

@@ -36,7 +36,7 @@ from flowrra.protocol import (
 )
 from flowrra.render import decode_args
 from tests.apps import traced
-from tests.conftest import Launcher, embedded_twin, remote_twin
+from tests.conftest import Launcher, embedded_twin, remote_twin, wait_until
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -264,6 +264,30 @@ async def test_threads_and_worker_processes_see_the_run_span(otel: Traced) -> No
     assert (in_process["trace_id"], in_process["span_id"]) == hex_ids(process_run)
     assert process_run.attributes is not None
     assert process_run.attributes["flowrra.task.outcome"] == "success"
+
+
+async def test_a_cancelled_attempt_and_one_handed_back_at_shutdown(otel: Traced) -> None:
+    app = embedded()
+    cancelled_key, returned_key = uuid.uuid4().hex, uuid.uuid4().hex
+    async with app:
+        cancelled_id = await app.submit(traced.sleepy, cancelled_key)
+        await wait_until(lambda: cancelled_key in traced.started, what="sleepy started")
+        assert await app.cancel(cancelled_id)
+        result = await app.wait_for_result(cancelled_id, timeout=10)
+        assert result.status is TaskStatus.CANCELLED
+        returned_id = await app.submit(traced.sleepy, returned_key)
+        await wait_until(lambda: returned_key in traced.started, what="sleepy started")
+    # The app stopped with the second one running: its node handed it back.
+    outcomes = {
+        s.attributes["messaging.message.id"]: s
+        for s in otel.spans(run_name(traced.sleepy))
+        if s.attributes
+    }
+    cancelled, returned = outcomes[cancelled_id], outcomes[returned_id]
+    assert cancelled.attributes is not None and returned.attributes is not None
+    assert cancelled.attributes["flowrra.task.outcome"] == "cancelled"
+    assert returned.attributes["flowrra.task.outcome"] == "returned"
+    assert cancelled.status.status_code is returned.status.status_code is StatusCode.UNSET
 
 
 async def test_submit_many_and_workflows_trace_every_call(otel: Traced) -> None:
