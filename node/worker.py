@@ -346,7 +346,7 @@ class Node:
                 self._wakeup.set()  # the drain may be complete
         self._outcomes.append(
             Outcome(
-                dispatch.task_id, dispatch.attempt, value, error, started, time.time()
+                dispatch.task_id, dispatch.attempt, value, error, started[0], time.time()
             ).to_wire()
         )
         if not self._flush_scheduled:
