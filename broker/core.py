@@ -506,6 +506,11 @@ class Broker:
             self.counters["malformed"] += 1
             log.warning("dropped a malformed message from %s: %s", peer.hex(), exc)
             return
+        self.handle_message(peer, message, now)
+
+    def handle_message(self, peer: bytes, message: protocol.Message, now: float) -> None:
+        """Process one decoded message (in-process peers hand them over unencoded); its
+        body is validated as on the wire."""
         try:
             self._dispatch_command(peer, message, now)
         except ProtocolError as exc:

@@ -10,15 +10,18 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from flowrra.broker.config import BrokerConfig
 from flowrra.broker.core import Broker
 from flowrra.broker.endpoint import BrokerEndpoint
 from flowrra.broker.stats import TaskStats
 from flowrra.broker.store import Durability, LmdbStore, MemoryStore, Store, StoreError
+from flowrra.inproc import InprocHub
+from flowrra.protocol import Command, Message
 from flowrra.transport import Wakeup
 
 log = logging.getLogger("flowrra.broker")
@@ -53,19 +56,25 @@ class BrokerService:
         store: Store,
         *,
         clock: Callable[[], float] = time.time,
+        commit_thread: bool = True,
     ) -> None:
         self.broker = broker
         if not any(isinstance(o, TaskStats) for o in broker.observers):
             broker.observers.append(TaskStats())  # for the task_stats and task_list verbs
         self.endpoint = endpoint
+        # The in-process hub takes replies, dispatches and results unencoded.
+        self._hub = endpoint if isinstance(endpoint, InprocHub) else None
         self.wakeup = wakeup
         self.store = store
         self.clock = clock
         self._stopping = False
         # An fsync'd commit takes hundreds of microseconds: run it off the event loop so an
-        # embedded app (or the node sharing this loop) keeps running meanwhile.
+        # embedded app (or the node sharing this loop) keeps running meanwhile. The
+        # flowrra-broker process says commit_thread=False: nothing else shares its loop, which
+        # awaits the commit anyway, and the hand-off to a thread and back cost 130 us a commit.
         durable = isinstance(store, LmdbStore) and store.durability is Durability.FULL
-        self._writer = ThreadPoolExecutor(1, "flowrra-commit") if durable else None
+        threaded = durable and commit_thread
+        self._writer = ThreadPoolExecutor(1, "flowrra-commit") if threaded else None
         self.ready = asyncio.Event()
         # Since when commits fail (None while they succeed), how many did, and when to say so
         # again in the log.
@@ -145,16 +154,32 @@ class BrokerService:
         if self._processing or self._stopping:
             self.wakeup.set()  # whoever is processing (or the loop) picks it up
             return
+        self._process(None)
+
+    def process_body(self, peer: bytes, command: Command, body: Any) -> bool:
+        """Like :meth:`process_now`, for one message an in-process peer handed over
+        unencoded (after whatever arrived before it). False when it cannot run now (this
+        stack is processing already, or the broker is stopping): the hub then queues the
+        message encoded, for the tick that is under way."""
+        if self._processing or self._stopping:
+            return False
+        self._process((peer, Message(command, body)))
+        return True
+
+    def _process(self, first: tuple[bytes, Message] | None) -> None:
         self._processing = True
         broker, endpoint = self.broker, self.endpoint
         try:
             while True:
                 messages, topics = endpoint.drain(DRAIN_LIMIT)
-                if not messages and not topics and not broker.holds_released:
+                if first is None and not messages and not topics and not broker.holds_released:
                     return
                 now = self.clock()
                 for peer, frames in messages:
                     broker.handle(peer, frames, now)
+                if first is not None:
+                    broker.handle_message(first[0], first[1], now)
+                    first = None
                 for topic in topics:
                     broker.handle_subscription(topic)
                 broker.tick(now)
@@ -226,19 +251,61 @@ class BrokerService:
         self.broker.abandon_tick(str(exc), now)
 
     def _send_dispatches(self, now: float) -> None:
-        send = self.endpoint.send
-        for peer, frames in self.broker.outbox.take_dispatches():
-            if not send(peer, frames):
-                self.broker.peer_unreachable(peer, now)
-                self.wakeup.set()
+        outbox = self.broker.outbox
+        direct = self._take_direct(outbox.tasks)
+        if outbox.tasks or outbox.messages:
+            send = self.endpoint.send
+            for peer, frames in outbox.take_dispatches():
+                if not send(peer, frames):
+                    self.broker.peer_unreachable(peer, now)
+                    self.wakeup.set()
+        if direct:
+            self._send_bodies(Command.TASKS, direct, now)
 
     def _flush(self, now: float) -> None:
-        messages, publications = self.broker.outbox.take()
+        outbox = self.broker.outbox
+        acks = self._take_direct(outbox.acks)
+        tasks = self._take_direct(outbox.tasks)
+        results: dict[bytes, list[dict[str, Any]]] = {}
+        if self._hub is not None and outbox.results:
+            results, outbox.results = outbox.results, defaultdict(list)
+        messages, publications = outbox.take() if outbox else ([], [])
         send = self.endpoint.send
         for peer, frames in messages:
             if not send(peer, frames):
                 self.broker.peer_unreachable(peer, now)
                 self.wakeup.set()  # its tasks were re-queued: dispatch them next tick
+        if acks:
+            self._send_bodies(Command.ACK, acks, now)
+        if tasks:
+            self._send_bodies(Command.TASKS, tasks, now)
         publish = self.endpoint.publish
         for frames in publications:
             publish(frames)
+        if results:
+            assert self._hub is not None
+            publish_body = self._hub.publish_body
+            for topic, records in results.items():
+                publish_body(topic, Command.RESULT, records)
+
+    def _take_direct(self, table: dict[bytes, list[list[Any]]]) -> list[tuple[bytes, Any]]:
+        """Take the items bound for in-process peers that take them unencoded."""
+        hub = self._hub
+        if hub is None or not table:
+            return []
+        takes_bodies = hub.takes_bodies
+        direct = [(peer, items) for peer, items in table.items() if takes_bodies(peer)]
+        if len(direct) == len(table):
+            table.clear()
+        else:
+            for peer, _ in direct:
+                del table[peer]
+        return direct
+
+    def _send_bodies(self, command: Command, entries: list[tuple[bytes, Any]], now: float) -> None:
+        assert self._hub is not None
+        send_body = self._hub.send_body
+        for peer, body in entries:
+            if not send_body(peer, command, body):
+                self.broker.peer_unreachable(peer, now)
+                self.wakeup.set()

@@ -227,7 +227,9 @@ class Flowrra:
         self._background.append(asyncio.create_task(service.run(), name="flowrra-broker"))
         await self._until(service.ready)
         if service.commits_inline:
-            hub.process_now = service.process_now  # no event-loop hop per in-process message
+            # No event-loop hop per in-process message, and the hot ones unencoded.
+            hub.process_now = service.process_now
+            hub.process_body = service.process_body
         node = Node(self.tasks, hub, concurrency=self.concurrency, processes=self.processes)
         self._node = node
         self._background.append(asyncio.create_task(node.run(), name="flowrra-node"))
@@ -266,6 +268,10 @@ class Flowrra:
                 await task
             except Exception:
                 log.exception("embedded %s failed", task.get_name())
+        if self._service is not None:
+            # Its last commit ran as the broker stopped: release the data dir, so that an
+            # app of this process can open it again.
+            self._service.store.close()
         self._node = None
         self._service = None
         if unconfirmed is not None:

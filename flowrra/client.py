@@ -135,7 +135,9 @@ class BrokerClient:
         """Handshake with the broker and make the result subscription live."""
         loop = asyncio.get_running_loop()
         self._link = self._connector.link(self._wakeup)
-        self._link.push_to(self._on_reply)  # in-process: replies handled as they are sent
+        # In-process: replies handled as they are sent, the hot ones never encoded.
+        self._link.push_to(self._on_reply)
+        self._link.push_bodies_to(self._on_message)
         self._welcome = loop.create_future()
         self._reader = loop.create_task(self._read_loop(), name="flowrra-client-reader")
         self._link.send(protocol.encode(Command.HELLO, {"role": "client", "id": self.client_id}))
@@ -145,6 +147,7 @@ class BrokerClient:
                 self.welcome.publish_endpoint, self._wakeup
             )
             self._subscriber.push_to(self._on_publication)
+            self._subscriber.push_bodies_to(self._on_published_body)
             self._subscriber.subscribe(self._prefix)
             try:
                 await asyncio.wait_for(self._live.wait(), self.connect_timeout_s)
@@ -229,26 +232,35 @@ class BrokerClient:
         wait = _AckWait(loop.create_future(), len(submissions))
         epoch = self._epoch
         now = loop.time()
+        wait.deferred = not confirm  # before sending: in-process, the ACK comes during it
+        wires = []
         for sub in submissions:
             wire = sub.to_wire()
             self._acks[sub.task_id] = wait
             self._unacked[sub.task_id] = (wire, now)
             self._unresolved[sub.task_id] = epoch
-            self._outgoing.append(wire)
-        self._schedule_flush()
+            wires.append(wire)
+        if self._flush_scheduled:
+            self._outgoing.extend(wires)  # batched with the others of this loop iteration
+        else:
+            # Nothing else is queued: send now rather than after a call_soon, and batch what
+            # the rest of this loop iteration submits. In-process this runs the broker's
+            # accept, tick and commit (and the ACK arrives) before it returns.
+            self._schedule_flush()
+            self._send_batches(wires)
         if not confirm:
-            wait.deferred = True
             self._deferred.add(wait.future)
             wait.future.add_done_callback(self._deferred.discard)
             wait.future.add_done_callback(_consume)  # its errors reach the waiters instead
             return
-        try:
-            await self._bounded(wait.future, "acknowledge the submit")
-        except BaseException:
-            for sub in submissions:
-                self._acks.pop(sub.task_id, None)
-                self._unacked.pop(sub.task_id, None)
-            raise
+        if not wait.future.done():
+            try:
+                await self._bounded(wait.future, "acknowledge the submit")
+            except BaseException:
+                for sub in submissions:
+                    self._acks.pop(sub.task_id, None)
+                    self._unacked.pop(sub.task_id, None)
+                raise
         if wait.error is not None:
             raise (TaskIdConflict if wait.conflict else SubmitRejected)(wait.error)
 
@@ -415,13 +427,18 @@ class BrokerClient:
     def _flush(self) -> None:
         self._flush_scheduled = False
         outgoing, self._outgoing = self._outgoing, []
+        self._send_batches(outgoing)
+
+    def _send_batches(self, wires: list[list[Any]]) -> None:
         if self._link is None or self._closed:
             return
-        for start in range(0, len(outgoing), SUBMIT_BATCH):
-            batch = outgoing[start : start + SUBMIT_BATCH]
-            self._send_submit(batch)
+        for start in range(0, len(wires), SUBMIT_BATCH):
+            self._send_submit(wires[start : start + SUBMIT_BATCH])
 
     def _send_submit(self, batch: list[list[Any]]) -> None:
+        assert self._link is not None
+        if self._link.send_body(Command.SUBMIT, batch):
+            return  # in-process: handed over unencoded
         frames = protocol.encode(Command.SUBMIT, batch)
         if len(frames[2]) > self.max_message_bytes and len(batch) > 1:
             half = len(batch) // 2
@@ -495,7 +512,14 @@ class BrokerClient:
     def _on_reply(self, frames: list[bytes]) -> None:
         try:
             message = protocol.decode(frames)
-            command, body = message.command, message.body
+        except ProtocolError as exc:
+            log.warning("ignored a malformed reply from the broker: %s", exc)
+            return
+        self._on_message(message.command, message.body)
+
+    def _on_message(self, command: Command, body: Any) -> None:
+        """One reply from the broker (decoded, or handed over unencoded in-process)."""
+        try:
             if command is Command.ACK:
                 self._on_acks(protocol.parse_ack(body))
             elif command is Command.STATE:
@@ -571,11 +595,26 @@ class BrokerClient:
             return
         try:
             message = protocol.decode(frames[1:])
-            if message.command is Command.RESULT:
-                if not isinstance(message.body, list):
+        except ProtocolError as exc:
+            log.warning("ignored a malformed publication: %s", exc)
+            return
+        self._on_published(frames[0], message.command, message.body)
+
+    def _on_published_body(self, topic: bytes, command: Command, records: Any) -> None:
+        """A publication the in-process broker handed over unencoded: its records are the
+        broker's own public views (``TaskRecord.public``), fresh dicts not validated again."""
+        self._on_published(topic, command, records, check=False)
+
+    def _on_published(
+        self, topic: bytes, command: Command, records: Any, *, check: bool = True
+    ) -> None:
+        """One publication (decoded from the wire, or handed over in-process)."""
+        try:
+            if command is Command.RESULT:
+                if not isinstance(records, list):
                     raise ProtocolError("RESULT body must be a list of records")
-                for body in message.body:
-                    record = protocol.parse_record(body)
+                for body in records:
+                    record = protocol.parse_record(body) if check else body
                     if record["status"] in _FINAL:
                         self._deliver(record)
                     elif record["status"] == TaskStatus.PENDING.value:
@@ -583,7 +622,7 @@ class BrokerClient:
                         self._forget(record["task_id"])
                     if self._watchers:
                         self._to_watchers(record)
-            elif message.command is Command.SUBSCRIBED and frames[0] == self._prefix:
+            elif command is Command.SUBSCRIBED and topic == self._prefix:
                 self._on_prefix_live()
         except ProtocolError as exc:
             log.warning("ignored a malformed publication: %s", exc)

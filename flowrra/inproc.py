@@ -1,7 +1,12 @@
 """The in-process hub: the embedded default's stand-in for the broker's sockets.
 
-Client, broker and node of one process hand each other the same encoded frames the ZeroMQ
-transport carries, as Python objects: no sockets, no copies, no syscalls.
+Client, broker and node of one process run their normal code over it. The hot messages
+(SUBMIT, ACK, TASKS, RESULTS and RESULT publications) are handed over unencoded, as the
+(command, body) pair that ``protocol.encode`` would have encoded, and handled on the sender's
+stack: a submit runs the broker's accept, tick and commit before it returns, a dispatch
+starts the node's execution, and a result reaches the waiting client in the same call. The
+other messages travel as the same encoded frames the ZeroMQ transport carries, as Python
+objects: no sockets, no copies, no syscalls.
 """
 
 from __future__ import annotations
@@ -9,16 +14,18 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
-from flowrra.transport import Frames, Link, Subscriber, Wakeup
+from flowrra.protocol import Command, encode, encode_publication
+from flowrra.transport import BodyHandler, Frames, Link, PublicationHandler, Subscriber, Wakeup
+
+# The broker's handler of an unencoded message: False when it cannot handle it now (it is
+# busy on this very stack, or stopping), and the hub queues the encoded message instead.
+BodyProcessor = Callable[[bytes, Command, Any], bool]
 
 
 class InprocHub:
-    """An in-process stand-in for the broker's sockets, used by the embedded default.
-
-    Frames are handed over as Python objects (no copies, no syscalls), but they are the same
-    encoded frames the ZeroMQ transport carries, so every side runs its normal code.
-    """
+    """An in-process stand-in for the broker's sockets, used by the embedded default."""
 
     peers_can_vanish = False
     publish_endpoint = "inproc://flowrra-results"
@@ -28,6 +35,7 @@ class InprocHub:
         # Set by a broker that handles messages on the sender's own call stack: no loop
         # round trip between a client, the broker and a node of one process.
         self.process_now: Callable[[], None] | None = None
+        self.process_body: BodyProcessor | None = None
         self._inbox: deque[tuple[bytes, Frames]] = deque()
         self._new_topics: list[bytes] = []
         self._links: dict[bytes, _InprocLink] = {}
@@ -57,10 +65,42 @@ class InprocHub:
             link.wakeup.set()
         return True
 
+    def takes_bodies(self, peer: bytes) -> bool:
+        """Whether :meth:`send_body` reaches ``peer`` unencoded."""
+        link = self._links.get(peer)
+        return link is not None and link.bodies is not None
+
+    def send_body(self, peer: bytes, command: Command, body: object) -> bool:
+        """Hand ``peer`` a message unencoded (encoded if it takes frames only); False when
+        that peer is gone."""
+        link = self._links.get(peer)
+        if link is None:
+            return False
+        if link.bodies is not None:
+            link.bodies(command, body)
+            return True
+        return self.send(peer, encode(command, body))
+
     def publish(self, frames: Frames) -> None:
         topic = frames[0]
         for subscriber in self._subscribers:
             if subscriber.matches(topic):
+                if subscriber.push is not None:
+                    subscriber.push(frames)
+                else:
+                    subscriber.inbox.append(frames)
+                    subscriber.wakeup.set()
+
+    def publish_body(self, topic: bytes, command: Command, body: object) -> None:
+        """Publish unencoded to the subscribers that take bodies, encoded to the others."""
+        frames: Frames | None = None
+        for subscriber in self._subscribers:
+            if subscriber.matches(topic):
+                if subscriber.bodies is not None:
+                    subscriber.bodies(topic, command, body)
+                    continue
+                if frames is None:
+                    frames = encode_publication(topic, command, body)
                 if subscriber.push is not None:
                     subscriber.push(frames)
                 else:
@@ -74,7 +114,7 @@ class InprocHub:
 
     def link(self, wakeup: Wakeup) -> Link:
         identity = os.urandom(5)
-        link = _InprocLink(identity, wakeup, self._deliver, lambda: self._links.pop(identity))
+        link = _InprocLink(self, identity, wakeup, lambda: self._links.pop(identity))
         self._links[identity] = link
         return link
 
@@ -86,6 +126,11 @@ class InprocHub:
     def _deliver(self, identity: bytes, frames: Frames) -> None:
         self._inbox.append((identity, frames))
         self._arrived()
+
+    def _deliver_body(self, identity: bytes, command: Command, body: object) -> None:
+        process = self.process_body
+        if process is None or not process(identity, command, body):
+            self._deliver(identity, encode(command, body))
 
     def _subscribed(self, topic: bytes) -> None:
         self._new_topics.append(topic)
@@ -101,22 +146,28 @@ class InprocHub:
 class _InprocLink:
     def __init__(
         self,
+        hub: InprocHub,
         identity: bytes,
         wakeup: Wakeup,
-        deliver: Callable[[bytes, Frames], None],
         on_close: Callable[[], object],
     ) -> None:
         self.identity = identity
         self.wakeup = wakeup
         self.inbox: deque[Frames] = deque()
         self.push: Callable[[Frames], None] | None = None
-        self._deliver = deliver
+        self.bodies: BodyHandler | None = None
+        self._hub = hub
         self._on_close = on_close
         self._closed = False
 
     def send(self, frames: Frames) -> None:
         if not self._closed:
-            self._deliver(self.identity, frames)
+            self._hub._deliver(self.identity, frames)
+
+    def send_body(self, command: Command, body: object) -> bool:
+        if not self._closed:
+            self._hub._deliver_body(self.identity, command, body)
+        return True
 
     def drain(self, limit: int) -> list[Frames]:
         return _drain_deque(self.inbox, limit, self.wakeup)
@@ -125,10 +176,14 @@ class _InprocLink:
         self.push = handler
         return True
 
+    def push_bodies_to(self, handler: BodyHandler) -> bool:
+        self.bodies = handler
+        return True
+
     def close(self, linger_ms: int = 0) -> None:
         if not self._closed:
             self._closed = True
-            self.push = None
+            self.push = self.bodies = None
             self._on_close()
 
 
@@ -142,6 +197,7 @@ class _InprocSubscriber:
         self.wakeup = wakeup
         self.inbox: deque[Frames] = deque()
         self.push: Callable[[Frames], None] | None = None
+        self.bodies: PublicationHandler | None = None
         self._topics: dict[bytes, int] = {}
         self._on_subscribe = on_subscribe
         self._on_close = on_close
@@ -170,10 +226,14 @@ class _InprocSubscriber:
         self.push = handler
         return True
 
+    def push_bodies_to(self, handler: PublicationHandler) -> bool:
+        self.bodies = handler
+        return True
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.push = None
+            self.push = self.bodies = None
             self._on_close(self)
 
 

@@ -15,6 +15,11 @@ def when_utc(timestamp: float | None) -> dt.datetime | None:
     return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
 
+_STATUSES = {status.value: status for status in TaskStatus}  # faster than TaskStatus(value)
+_fromtimestamp = dt.datetime.fromtimestamp
+_UTC = dt.UTC
+
+
 @dataclass(frozen=True, slots=True)
 class TaskResult:
     """A task's status and, once it is complete, its result or its error."""
@@ -45,18 +50,26 @@ class TaskResult:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> TaskResult:
         """Build from a public task record (``protocol.RECORD_FIELDS``)."""
-        packed = record["result"]
+        # On every wait_for_result: positional, with when_utc inlined.
+        packed, submitted, started, finished, eta, progress = (
+            record["result"],
+            record["submitted_at"],
+            record["started_at"],
+            record["finished_at"],
+            record["eta"],
+            record["progress"],
+        )
         return cls(
-            task_id=record["task_id"],
-            task_name=record["task_name"],
-            status=TaskStatus(record["status"]),
-            result=None if packed is None else unpack_value(packed),
-            error=record["error"],
-            traceback=record["traceback"],
-            retries=record["retries"],
-            submitted_at=when_utc(record["submitted_at"]),
-            started_at=when_utc(record["started_at"]),
-            finished_at=when_utc(record["finished_at"]),
-            eta=when_utc(record["eta"]),
-            progress=None if record["progress"] is None else Progress(*record["progress"]),
+            record["task_id"],
+            record["task_name"],
+            _STATUSES[record["status"]],
+            None if packed is None else unpack_value(packed),
+            record["error"],
+            record["traceback"],
+            record["retries"],
+            None if submitted is None else _fromtimestamp(submitted, _UTC),
+            None if started is None else _fromtimestamp(started, _UTC),
+            None if finished is None else _fromtimestamp(finished, _UTC),
+            None if eta is None else _fromtimestamp(eta, _UTC),
+            None if progress is None else Progress(*progress),
         )

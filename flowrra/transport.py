@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import zmq
 
+from flowrra.protocol import Command
 from flowrra.security import ClientKeys
 
 Frames = list[bytes]
+# Receivers of messages handed over in-process without encoding: (command, body) on a link,
+# (topic, command, body) on a subscriber. The bodies are what protocol.encode would encode.
+BodyHandler = Callable[[Command, Any], None]
+PublicationHandler = Callable[[bytes, Command, Any], None]
 
 
 # ZeroMQ send/recv flags as plain ints: pyzmq's enum arithmetic showed up in profiles.
@@ -109,6 +114,16 @@ class Link(Protocol):
         :meth:`drain` (in-process only: True if this link can)."""
         ...
 
+    def send_body(self, command: Command, body: object) -> bool:
+        """Hand one message over without encoding it (in-process only): True if taken;
+        False if this link carries frames only (then encode it and :meth:`send`)."""
+        ...
+
+    def push_bodies_to(self, handler: BodyHandler) -> bool:
+        """Hand arriving messages that were never encoded to ``handler`` as (command, body)
+        (in-process only: True if this link can; others still arrive as frames)."""
+        ...
+
 
 class Subscriber(Protocol):
     """A client's subscription to the broker's result publications."""
@@ -120,6 +135,10 @@ class Subscriber(Protocol):
 
     def push_to(self, handler: Callable[[Frames], None]) -> bool:
         """Like :meth:`Link.push_to`, for publications."""
+        ...
+
+    def push_bodies_to(self, handler: PublicationHandler) -> bool:
+        """Like :meth:`Link.push_bodies_to`, for publications: (topic, command, body)."""
         ...
 
 
@@ -209,6 +228,12 @@ class _ClientSocket(WatchedSocket):
 
     def push_to(self, handler: Callable[[Frames], None]) -> bool:
         return False  # messages arrive on a socket: read them with drain()
+
+    def push_bodies_to(self, handler: Any) -> bool:
+        return False  # everything on a socket is encoded
+
+    def send_body(self, command: Command, body: object) -> bool:
+        return False
 
 
 class ZmqLink(_ClientSocket):

@@ -186,6 +186,7 @@ class Node:
         self._link = link
         # In-process, the broker's messages are handled as it sends them (no loop hop).
         link.push_to(self._on_pushed)
+        link.push_bodies_to(self._on_pushed_body)
         link.send(self._ready_message())
         self._last_sent = self._last_heard = time.monotonic()
         self._welcomed = False
@@ -247,17 +248,31 @@ class Node:
             self._last_heard = now
             self._on_message(frames, link, now)
 
+    def _on_pushed_body(self, command: Command, body: Any) -> None:
+        """A message the in-process broker handed over unencoded."""
+        link = self._link
+        if link is not None:
+            now = time.monotonic()
+            self._last_heard = now
+            self._on_command(command, body, link, now)
+
     def _on_message(self, frames: list[bytes], link: Link, now: float) -> None:
         """One message from the broker."""
         try:
             message = protocol.decode(frames)
-            command = message.command
+        except ProtocolError as exc:
+            log.warning("dropped a malformed message from the broker: %s", exc)
+            return
+        self._on_command(message.command, message.body, link, now)
+
+    def _on_command(self, command: Command, body: Any, link: Link, now: float) -> None:
+        try:
             if command is Command.TASKS:
-                self._start(protocol.parse_tasks(message.body))
+                self._start(protocol.parse_tasks(body))
             elif command is Command.CANCEL:
-                self._cancel(protocol.parse_cancel(message.body))
+                self._cancel(protocol.parse_cancel(body))
             elif command is Command.WELCOME:
-                welcome = protocol.parse_welcome(message.body)
+                welcome = protocol.parse_welcome(body)
                 # Heartbeat rates must agree on both sides: adopt the broker's.
                 self._interval_s = welcome.heartbeat_interval_ms / 1000
                 self._expiry_s = self._interval_s * welcome.heartbeat_liveness
@@ -350,10 +365,14 @@ class Node:
             ).to_wire()
         )
         if not self._flush_scheduled:
+            # Nothing else waits to go: send it now (in-process, the broker records it and
+            # the waiting client has it before this returns), and batch what ends later in
+            # this loop iteration.
+            self._flush()
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _call(self, dispatch: Dispatch) -> bytes:
+    async def _call(self, dispatch: Dispatch, started: list[float]) -> bytes:
         spec = self.specs.get(dispatch.name)
         if spec is None:
             raise LookupError(f"this node has no task named {dispatch.name!r}")

@@ -240,6 +240,7 @@ async def test_a_waiter_whose_result_publication_was_lost_asks_the_broker(
     """Every RESULT publication is lost: waiters still get their results, by GET, and one
     GET asks for all of them."""
     publish = InprocHub.publish
+    publish_body = InprocHub.publish_body
     deliver = InprocHub._deliver
     lost: list[bytes] = []
     gets: list[int] = []
@@ -250,6 +251,12 @@ async def test_a_waiter_whose_result_publication_was_lost_asks_the_broker(
             return
         publish(hub, frames)
 
+    def lossy_body(hub: InprocHub, topic: bytes, command: Command, body: object) -> None:
+        if command is Command.RESULT:  # results are handed over unencoded in-process
+            lost.append(topic)
+            return
+        publish_body(hub, topic, command, body)
+
     def counting(hub: InprocHub, identity: bytes, frames: Frames) -> None:
         message = decode(frames)
         if message.command is Command.GET:
@@ -258,6 +265,7 @@ async def test_a_waiter_whose_result_publication_was_lost_asks_the_broker(
         deliver(hub, identity, frames)
 
     monkeypatch.setattr(InprocHub, "publish", lossy)
+    monkeypatch.setattr(InprocHub, "publish_body", lossy_body)
     monkeypatch.setattr(InprocHub, "_deliver", counting)
     async with embedded_twin(app) as embedded:
         started = time.monotonic()
