@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
 from flowrra.protocol import Dispatch, ErrorInfo, Submission, split_headers, with_headers
@@ -79,12 +80,17 @@ def refresh() -> bool:
     except ImportError:
         tracer = None
         return False
-    from flowrra import __version__
+    # The distribution's version, not flowrra.__version__: importing the package from here
+    # would make an import cycle (flowrra -> app -> tracing -> flowrra).
+    try:
+        version: str | None = metadata.version("flowrra-fabric")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = None
 
     provider = _provider if _provider is not None else trace.get_tracer_provider()
     found = None
     if not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
-        found = provider.get_tracer("flowrra", __version__)
+        found = provider.get_tracer("flowrra", version)
         if isinstance(found, trace.NoOpTracer):  # the SDK with OTEL_SDK_DISABLED=true
             found = None
     tracer = found
