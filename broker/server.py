@@ -56,7 +56,6 @@ class BrokerService:
         store: Store,
         *,
         clock: Callable[[], float] = time.time,
-        commit_thread: bool = True,
     ) -> None:
         self.broker = broker
         if not any(isinstance(o, TaskStats) for o in broker.observers):
@@ -69,12 +68,9 @@ class BrokerService:
         self.clock = clock
         self._stopping = False
         # An fsync'd commit takes hundreds of microseconds: run it off the event loop so an
-        # embedded app (or the node sharing this loop) keeps running meanwhile. The
-        # flowrra-broker process says commit_thread=False: nothing else shares its loop, which
-        # awaits the commit anyway, and the hand-off to a thread and back cost 130 us a commit.
+        # embedded app (or the node sharing this loop) keeps running meanwhile.
         durable = isinstance(store, LmdbStore) and store.durability is Durability.FULL
-        threaded = durable and commit_thread
-        self._writer = ThreadPoolExecutor(1, "flowrra-commit") if threaded else None
+        self._writer = ThreadPoolExecutor(1, "flowrra-commit") if durable else None
         self.ready = asyncio.Event()
         # Since when commits fail (None while they succeed), how many did, and when to say so
         # again in the log.
@@ -97,6 +93,8 @@ class BrokerService:
         self.ready.set()
         # Drained messages a full tick left for the next one (handled first, in order).
         deferred: deque[tuple[bytes, list[bytes]]] = deque()
+        # Whether a drain now would return anything, for endpoints that can tell cheaply.
+        has_input: Callable[[], bool] | None = getattr(endpoint, "has_input", None)
         try:
             while not self._stopping:
                 if deferred:
@@ -126,14 +124,16 @@ class BrokerService:
                 if broker.outbox:
                     self._flush(now)
                 self._processing = False
-                if messages or topics:
+                if (messages or topics) and (deferred or has_input is None or has_input()):
                     await asyncio.sleep(0)  # let the other coroutines of this loop run
-                else:
-                    now = self.clock()
-                    sleep_s = broker.seconds_until_due(now)
-                    self._sleeping_until = now + sleep_s
-                    await self.wakeup.wait(sleep_s)
-                    self._sleeping_until = math.inf
+                    continue
+                # Nothing waits (a ZeroMQ endpoint says so, after this tick's sends): sleep
+                # until something arrives or is due, with no empty drain and tick first.
+                now = self.clock()
+                sleep_s = broker.seconds_until_due(now)
+                self._sleeping_until = now + sleep_s
+                await self.wakeup.wait(sleep_s)
+                self._sleeping_until = math.inf
         finally:
             if self.store.dirty:
                 await self._commit()
@@ -293,13 +293,14 @@ class BrokerService:
         hub = self._hub
         if hub is None or not table:
             return []
+        if hub.every_peer_takes_bodies:
+            direct = list(table.items())
+            table.clear()
+            return direct
         takes_bodies = hub.takes_bodies
         direct = [(peer, items) for peer, items in table.items() if takes_bodies(peer)]
-        if len(direct) == len(table):
-            table.clear()
-        else:
-            for peer, _ in direct:
-                del table[peer]
+        for peer, _ in direct:
+            del table[peer]
         return direct
 
     def _send_bodies(self, command: Command, entries: list[tuple[bytes, Any]], now: float) -> None:

@@ -64,6 +64,11 @@ class Store(Protocol):
     def get(self, table: Table, key: bytes) -> bytes | None: ...
     def put(self, table: Table, key: bytes, value: bytes) -> None: ...
     def delete(self, table: Table, key: bytes) -> None: ...
+    def unput(self, table: Table, key: bytes) -> bool:
+        """Take back a buffered write of a key the store does not hold (a queue entry
+        written and taken in one tick), so the commit neither writes nor deletes it; False
+        if no write of it is buffered (it was committed meanwhile)."""
+        ...
 
     def scan(
         self, table: Table, start: bytes = b"", stop: bytes | None = None
@@ -115,6 +120,12 @@ class _WriteBuffer:
     def delete(self, table: Table, key: bytes) -> None:
         self._pending[(table, key)] = None
 
+    def unput(self, table: Table, key: bytes) -> bool:
+        if self._pending.get((table, key)) is None:
+            return False  # nothing buffered for it (or a delete, which must stay)
+        del self._pending[(table, key)]
+        return True
+
     @property
     def dirty(self) -> bool:
         return bool(self._pending)
@@ -142,11 +153,12 @@ class MemoryStore(_WriteBuffer):
 
     def commit(self) -> None:
         pending, self._pending = self._pending, {}
+        tables = self._tables
         for (table, key), value in pending.items():
             if value is None:
-                self._tables[table].pop(key, None)
+                tables[table].pop(key, None)
             else:
-                self._tables[table][key] = value
+                tables[table][key] = value
 
     def count(self, table: Table) -> int:
         return len(self._tables[table])

@@ -137,7 +137,7 @@ class BrokerClient:
         self._link = self._connector.link(self._wakeup)
         # In-process: replies handled as they are sent, the hot ones never encoded.
         self._link.push_to(self._on_reply)
-        self._link.push_bodies_to(self._on_message)
+        self._link.push_bodies_to(self._on_body)
         self._welcome = loop.create_future()
         self._reader = loop.create_task(self._read_loop(), name="flowrra-client-reader")
         self._link.send(protocol.encode(Command.HELLO, {"role": "client", "id": self.client_id}))
@@ -249,9 +249,10 @@ class BrokerClient:
             self._schedule_flush()
             self._send_batches(wires)
         if not confirm:
-            self._deferred.add(wait.future)
-            wait.future.add_done_callback(self._deferred.discard)
-            wait.future.add_done_callback(_consume)  # its errors reach the waiters instead
+            if not wait.future.done():  # (in-process it usually is: nothing to keep)
+                self._deferred.add(wait.future)
+                wait.future.add_done_callback(self._deferred.discard)
+                wait.future.add_done_callback(_consume)  # its errors reach the waiters
             return
         if not wait.future.done():
             try:
@@ -517,11 +518,18 @@ class BrokerClient:
             return
         self._on_message(message.command, message.body)
 
-    def _on_message(self, command: Command, body: Any) -> None:
-        """One reply from the broker (decoded, or handed over unencoded in-process)."""
+    def _on_body(self, command: Command, body: Any) -> None:
+        """A reply the in-process broker handed over unencoded (not validated again)."""
+        self._on_message(command, body, check=False)
+
+    def _on_message(self, command: Command, body: Any, *, check: bool = True) -> None:
+        """One reply from the broker (decoded from the wire, or handed over in-process)."""
         try:
             if command is Command.ACK:
-                self._on_acks(protocol.parse_ack(body))
+                if check:
+                    self._on_acks((a.task_id, a.error, a.code) for a in protocol.parse_ack(body))
+                else:  # the in-process broker's own [task_id, error(, code)] items
+                    self._on_acks((a[0], a[1], a[2] if len(a) > 2 else None) for a in body)
             elif command is Command.STATE:
                 self._on_state(body)
             elif command is Command.ADMIN_REPLY:
@@ -544,21 +552,22 @@ class BrokerClient:
         except ProtocolError as exc:
             log.warning("ignored a malformed reply from the broker: %s", exc)
 
-    def _on_acks(self, acks: list[protocol.Ack]) -> None:
+    def _on_acks(self, acks: Iterable[tuple[str, str | None, str | None]]) -> None:
+        """(task id, error, code) per acknowledged submission."""
         pending = self._acks
         unacked = self._unacked
-        for ack in acks:
-            unacked.pop(ack.task_id, None)
-            wait = pending.pop(ack.task_id, None)
+        for task_id, error, code in acks:
+            unacked.pop(task_id, None)
+            wait = pending.pop(task_id, None)
             if wait is None:
                 continue  # a duplicate acknowledgement
-            if ack.error is not None and wait.error is None:
-                wait.error = f"task {ack.task_id}: {ack.error}"
-                wait.conflict = ack.code == protocol.ACK_CONFLICT
-            if ack.error is not None:
-                self._unresolved.pop(ack.task_id, None)
+            if error is not None:
+                if wait.error is None:
+                    wait.error = f"task {task_id}: {error}"
+                    wait.conflict = code == protocol.ACK_CONFLICT
+                self._unresolved.pop(task_id, None)
                 if wait.deferred:  # nobody awaits the submit: tell the task's waiters
-                    self._refuse(ack.task_id, f"task {ack.task_id}: {ack.error}", ack.code)
+                    self._refuse(task_id, f"task {task_id}: {error}", code)
             wait.remaining -= 1
             if wait.remaining == 0 and not wait.future.done():
                 wait.future.set_result(None)

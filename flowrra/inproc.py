@@ -45,6 +45,8 @@ class InprocHub:
 
     def drain(self, limit: int) -> tuple[list[tuple[bytes, Frames]], list[bytes]]:
         inbox = self._inbox
+        if not inbox and not self._new_topics:
+            return [], []  # the usual case when the broker looks again after a pass
         if len(inbox) <= limit:
             messages = list(inbox)
             inbox.clear()
@@ -69,6 +71,10 @@ class InprocHub:
         """Whether :meth:`send_body` reaches ``peer`` unencoded."""
         link = self._links.get(peer)
         return link is not None and link.bodies is not None
+
+    @property
+    def every_peer_takes_bodies(self) -> bool:
+        return all(link.bodies is not None for link in self._links.values())
 
     def send_body(self, peer: bytes, command: Command, body: object) -> bool:
         """Hand ``peer`` a message unencoded (encoded if it takes frames only); False when
@@ -204,7 +210,9 @@ class _InprocSubscriber:
         self._closed = False
 
     def matches(self, topic: bytes) -> bool:
-        return any(topic.startswith(prefix) for prefix in self._topics)
+        topics = self._topics
+        # Results go to a client's own prefix, or to a task id someone subscribed to.
+        return topic in topics or any(topic.startswith(prefix) for prefix in topics)
 
     def subscribe(self, topic: bytes) -> None:
         count = self._topics.get(topic, 0)
