@@ -64,11 +64,14 @@ class TaskRepository:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._records: dict[str, TaskRecord] = {}  # this tick's decoded or written records
+        # Queue entries of tasks added this tick (new orders, never committed) -> task id.
+        self._fresh: dict[int, str] = {}
 
     def end_tick(self) -> None:
         """Forget the records kept for this tick (called once per tick, and after a failed
         commit, when the store's pending writes were discarded)."""
         self._records.clear()
+        self._fresh.clear()
 
     # ------------------------------------------------------------------ records
 
@@ -98,6 +101,7 @@ class TaskRepository:
         self.store.put(Table.PAYLOADS, record.task_id.encode(), record.payload)
         if queued:
             self.enqueue(record)
+            self._fresh[record.order] = record.task_id
         self.save(record)
 
     def history(self, task_id: str) -> list[Attempt]:
@@ -145,15 +149,22 @@ class TaskRepository:
     def take_queued(self, order: int) -> str | None:
         """Remove a queue entry; the task id it held (None if there was none)."""
         key = _U64.pack(order)
+        task_id = self._fresh.pop(order, None)
+        # Added this tick, at a new order the store never held: nothing to delete.
+        if task_id is not None and self.store.unput(Table.QUEUE, key):
+            return task_id
         entry = self.store.get(Table.QUEUE, key)
         if entry is None:
             return None
         self.store.delete(Table.QUEUE, key)
-        task_id: str = msgpack.unpackb(entry)[0]
-        return task_id
+        held: str = msgpack.unpackb(entry)[0]
+        return held
 
     def queued_task(self, order: int) -> str | None:
         """The task id a queue entry holds, left in place (None if there is none)."""
+        task_id = self._fresh.get(order)
+        if task_id is not None:
+            return task_id
         entry = self.store.get(Table.QUEUE, _U64.pack(order))
         return None if entry is None else msgpack.unpackb(entry)[0]
 
