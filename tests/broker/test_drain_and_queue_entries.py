@@ -68,13 +68,30 @@ def _record(task_id: str, order: int) -> TaskRecord:
     return TaskRecord.from_submission(submission(task_id), order=order)
 
 
+class QueueCountingStore(MemoryStore):
+    """Counts the reads and deletes of queue entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue_ops = 0
+
+    def get(self, table: Table, key: bytes) -> bytes | None:
+        self.queue_ops += table is Table.QUEUE
+        return super().get(table, key)
+
+    def delete(self, table: Table, key: bytes) -> None:
+        self.queue_ops += table is Table.QUEUE
+        super().delete(table, key)
+
+
 def test_a_queue_entry_taken_in_its_tick_is_never_written() -> None:
-    store = MemoryStore()
+    store = QueueCountingStore()
     repo = TaskRepository(store)
     repo.add(_record("t1", 1))
     repo.add(_record("t2", 2))
     assert repo.queued_task(1) == "t1"
     assert repo.take_queued(1) == "t1"
+    assert store.queue_ops == 0  # no read, no delete: the buffered write was taken back
     store.commit()
     repo.end_tick()
     # t1's entry never reached the store; t2's is there, and taking it later deletes it.
