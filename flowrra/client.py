@@ -127,6 +127,7 @@ class BrokerClient:
         self._unresolved: dict[str, int] = {}
         self._outgoing: list[list[Any]] = []
         self._flush_scheduled = False
+        self._in_process = False  # the link hands messages over unencoded (flowrra.inproc)
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -137,7 +138,7 @@ class BrokerClient:
         self._link = self._connector.link(self._wakeup)
         # In-process: replies handled as they are sent, the hot ones never encoded.
         self._link.push_to(self._on_reply)
-        self._link.push_bodies_to(self._on_body)
+        self._in_process = self._link.push_bodies_to(self._on_body)
         self._welcome = loop.create_future()
         self._reader = loop.create_task(self._read_loop(), name="flowrra-client-reader")
         self._link.send(protocol.encode(Command.HELLO, {"role": "client", "id": self.client_id}))
@@ -240,12 +241,17 @@ class BrokerClient:
             self._unacked[sub.task_id] = (wire, now)
             self._unresolved[sub.task_id] = epoch
             wires.append(wire)
-        if self._flush_scheduled:
+        if self._flush_scheduled or not self._in_process:
             self._outgoing.extend(wires)  # batched with the others of this loop iteration
+            self._schedule_flush()
         else:
-            # Nothing else is queued: send now rather than after a call_soon, and batch what
-            # the rest of this loop iteration submits. In-process this runs the broker's
-            # accept, tick and commit (and the ACK arrives) before it returns.
+            # In-process with nothing else queued: send now rather than after a call_soon
+            # (the broker's accept, tick and commit run, and the ACK arrives, before this
+            # returns), and batch what the rest of this loop iteration submits. Over a
+            # socket the first submit waits for the flush too: sent at once, a submit can
+            # reach a broker that then dies before its commit while the node already runs
+            # it, and the client's resend after the restart runs it a second time
+            # (tests/durability/test_deferred_confirm.py found it).
             self._schedule_flush()
             self._send_batches(wires)
         if not confirm:
