@@ -28,6 +28,8 @@ log = logging.getLogger("flowrra.broker")
 
 # Most messages handled per tick: bounds the latency of a tick while still batching.
 DRAIN_LIMIT = 2000
+# How often the broker lets go of the store pages its reads mapped in (LmdbStore).
+RELEASE_PAGES_INTERVAL_S = 2.0
 # While commits keep failing (a full disk), the error is logged again at most this often.
 FAILURE_LOG_INTERVAL_S = 30.0
 
@@ -79,6 +81,7 @@ class BrokerService:
         self._next_failure_log = 0.0
         self._processing = False  # inside process_now
         self._sleeping_until = math.inf  # when the loop, asleep, wakes by itself
+        self._next_release = 0.0  # when to let go of mapped store pages next
 
     def stop(self) -> None:
         self._stopping = True
@@ -90,6 +93,7 @@ class BrokerService:
         broker.recover(self.clock())
         if broker.store.dirty:
             await self._commit()
+        self.store.release_pages()  # what the recovery scan mapped in (a deep queue's index)
         self.ready.set()
         # Drained messages a full tick left for the next one (handled first, in order).
         deferred: deque[tuple[bytes, list[bytes]]] = deque()
@@ -124,6 +128,11 @@ class BrokerService:
                 if broker.outbox:
                     self._flush(now)
                 self._processing = False
+                if now >= self._next_release:
+                    # Pages of the store that lookups mapped in (a deep queue's dedup reads
+                    # touch the whole task table): they count in RSS until let go.
+                    self._next_release = now + RELEASE_PAGES_INTERVAL_S
+                    self.store.release_pages()
                 if (messages or topics) and (deferred or has_input is None or has_input()):
                     await asyncio.sleep(0)  # let the other coroutines of this loop run
                     continue
