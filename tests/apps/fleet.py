@@ -26,10 +26,13 @@ async def _wait_for_file(path: str, timeout_s: float = 30.0) -> None:
 
 
 def _mark(marker_dir: str, what: str) -> None:
-    path = os.path.join(marker_dir, f"{what}-{os.getpid()}")
-    with open(path + ".tmp", "w") as f:
+    name = f"{what}-{os.getpid()}"
+    path = os.path.join(marker_dir, name)
+    # The temporary name starts with a dot, so the tests' "cpu-*" globs never see it.
+    temporary = os.path.join(marker_dir, f".{name}.tmp")
+    with open(temporary, "w") as f:
         f.write(f"{time.time()!r}\n")
-    os.replace(path + ".tmp", path)  # appears complete or not at all
+    os.replace(temporary, path)  # appears complete or not at all
 
 
 @app.task()
