@@ -468,6 +468,8 @@ class Node:
 
     def _send_results(self, batch: list[list[Any]]) -> None:
         assert self._link is not None
+        if self._link.send_body(Command.RESULTS, batch):
+            return  # in-process: handed over unencoded (outcome texts are always encodable)
         try:
             frames = protocol.encode(Command.RESULTS, batch)
         except Exception:
