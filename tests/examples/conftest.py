@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, BrokerProcess, Launcher
 
 EXAMPLES = ROOT / "docs" / "examples"
 
@@ -32,6 +32,13 @@ class Example:
         if not where.is_relative_to(self.directory):
             raise AssertionError(f"{name} was imported from {where}, not from {self.directory}")
         return module
+
+    def broker_and_node(self, launcher: Launcher, app: str) -> BrokerProcess:
+        """A broker and one node of ``app`` started as the recipes say: the node runs from the
+        example's directory, which is all it has on its path."""
+        broker = launcher.broker()
+        launcher.node(broker, app, cwd=self.directory, repo_on_path=False, processes=0)
+        return broker
 
 
 @contextmanager

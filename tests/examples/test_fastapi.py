@@ -28,11 +28,7 @@ def project() -> Iterator[Example]:
 @pytest.fixture(scope="module")
 def remote_broker(module_launcher: Launcher, project: Example) -> BrokerProcess:
     """A broker and one node started as the recipe says: from the directory of ``textjobs``."""
-    broker = module_launcher.broker()
-    module_launcher.node(
-        broker, "textjobs.tasks:app", cwd=project.directory, repo_on_path=False, processes=0
-    )
-    return broker
+    return project.broker_and_node(module_launcher, "textjobs.tasks:app")
 
 
 @pytest.fixture(params=["embedded", "remote"])
