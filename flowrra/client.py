@@ -646,6 +646,9 @@ class BrokerClient:
         """The task's record each time its status or progress changes, pushed by the broker
         (the current one first), until the final one."""
         self._check_open()
+        # The subscription travels on another socket than the submit: the broker must know
+        # the task when the subscription reaches it, or it keeps no watcher for its progress.
+        await self.settled([task_id])
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._watchers.setdefault(task_id, []).append(queue)
         topic = task_id.encode()
