@@ -43,9 +43,14 @@ async def _wait_for_file(path: str, timeout_s: float) -> None:
 
 @app.task(max_retries=0)
 async def hold(marker_dir: str, release_path: str, tag: str = "hold") -> dict[str, Any]:
-    """Mark ``<tag>``, wait for ``release_path``, mark ``<tag>-done``; returns the node pid."""
+    """Mark ``<tag>``, wait for ``release_path``, mark ``<tag>-done``; returns the node pid.
+    Cancelled on its node (a superseded attempt), it marks ``<tag>-cancelled`` instead."""
     mark(marker_dir, tag)
-    await _wait_for_file(release_path, 60.0)
+    try:
+        await _wait_for_file(release_path, 60.0)
+    except asyncio.CancelledError:
+        mark(marker_dir, f"{tag}-cancelled")
+        raise
     mark(marker_dir, f"{tag}-done")
     return {"pid": os.getpid()}
 

@@ -52,13 +52,19 @@ def _history(record: dict) -> list[str]:
 async def _check_fenced(
     client: Flowrra, task_id: str, winner_pid: int, loser: NodeProcess, markers: Path
 ) -> None:
-    """The late result of ``loser`` reached the broker and changed nothing."""
-    # The loser's attempt finished too (it wrote its marker just before reporting) ...
-    await wait_for_glob(markers, f"cut-done.{loser.pid}.*", timeout=20)
-    # ... and its outcome reached the broker, which counted it as stale.
-    await eventually(
-        lambda: _at_least(client, "stale_results", 1), timeout=20, what="a stale result"
-    )
+    """The late attempt of ``loser`` changed nothing.
+
+    Back from its freeze, the loser either finishes its attempt before it registers again, and
+    its late result reaches the broker, which counts it as stale; or it registers first, and
+    the broker tells it to stop the superseded attempt. Which comes first is a race of the
+    node's own loop; both must leave the winner's result alone."""
+    (ending,) = await wait_for_glob(markers, f"cut-*.{loser.pid}.*", timeout=20)
+    if ending.name.startswith("cut-done."):
+        await eventually(
+            lambda: _at_least(client, "stale_results", 1), timeout=20, what="a stale result"
+        )
+    else:
+        assert ending.name.startswith("cut-cancelled."), ending
     result = await client.get_result(task_id)
     assert result is not None
     assert result.status is TaskStatus.SUCCESS
