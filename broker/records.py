@@ -8,9 +8,10 @@ from typing import Any, NamedTuple
 import msgpack
 
 from flowrra.errors import ProtocolError
-from flowrra.protocol import Submission, TaskStatus, same_call
+from flowrra.protocol import Submission, TaskStatus, packb, same_call
 
 _RECORD_FORMAT = 2
+_STATUSES = {status.value: status for status in TaskStatus}
 
 
 class Attempt(NamedTuple):
@@ -25,7 +26,7 @@ class Attempt(NamedTuple):
 
 
 def encode_attempt(entry: Attempt) -> bytes:
-    return msgpack.packb(list(entry), use_bin_type=True)  # type: ignore[no-any-return]
+    return packb(list(entry))
 
 
 def decode_attempt(data: bytes) -> Attempt:
@@ -80,41 +81,59 @@ class TaskRecord:
             deadline=sub.deadline,
         )
 
+    def snapshot(self) -> tuple[Any, ...]:
+        """Every field but the arguments, as a tuple of immutable values: what the in-memory
+        store keeps of a record (no caller can change it in place, so a rolled-back tick
+        leaves it intact; nothing in it is tracked by the garbage collector), and what
+        :meth:`encode` encodes."""
+        progress = self.progress
+        return (
+            self.task_id,
+            self.name,
+            self.priority,
+            self.max_retries,
+            self.retry_delay_s,
+            self.timeout_s,
+            self.submitted_at,
+            self.status.value,
+            self.attempt,
+            self.retries,
+            self.order,
+            self.started_at,
+            self.finished_at,
+            self.result,
+            self.error,
+            self.traceback,
+            self.retry_at,
+            self.node_id,
+            self.worker_losses,
+            self.expires_at,
+            self.queued_at,
+            self.eta,
+            self.deadline,
+            self.workflow_id,
+            self.step,
+            None if progress is None else tuple(progress),
+        )
+
+    @classmethod
+    def from_snapshot(cls, snapshot: tuple[Any, ...], payload: bytes) -> TaskRecord:
+        """A new record from :meth:`snapshot` and its arguments."""
+        record = cls(snapshot[0], snapshot[1], snapshot[2], payload, *snapshot[3:])
+        record.status = _STATUSES[snapshot[7]]
+        if record.progress is not None:
+            record.progress = list(record.progress)
+        return record
+
+    @staticmethod
+    def encode_snapshot(snapshot: tuple[Any, ...]) -> bytes:
+        """The stored record of a :meth:`snapshot` (what :meth:`encode` returns)."""
+        return packb((_RECORD_FORMAT, *snapshot))
+
     def encode(self) -> bytes:
         """The stored record: every field but the arguments and the history, which the
         repository keeps apart (finishing a task rewrites neither)."""
-        return msgpack.packb(  # type: ignore[no-any-return]
-            [
-                _RECORD_FORMAT,
-                self.task_id,
-                self.name,
-                self.priority,
-                self.max_retries,
-                self.retry_delay_s,
-                self.timeout_s,
-                self.submitted_at,
-                self.status.value,
-                self.attempt,
-                self.retries,
-                self.order,
-                self.started_at,
-                self.finished_at,
-                self.result,
-                self.error,
-                self.traceback,
-                self.retry_at,
-                self.node_id,
-                self.worker_losses,
-                self.expires_at,
-                self.queued_at,
-                self.eta,
-                self.deadline,
-                self.workflow_id,
-                self.step,
-                self.progress,
-            ],
-            use_bin_type=True,
-        )
+        return packb((_RECORD_FORMAT, *self.snapshot()))
 
     @classmethod
     def decode(cls, data: bytes, payload: bytes) -> TaskRecord:

@@ -21,7 +21,11 @@ of tables and key bytes. Layouts, table by table:
 Big-endian integers sort numerically as LMDB keys, so every index is a cursor scan.
 
 Records decoded or written during a tick are kept until :meth:`end_tick`, so a record
-accepted and dispatched in the same tick is decoded zero times.
+accepted and dispatched in the same tick is decoded zero times. Over the in-memory store
+(the embedded default) a record is stored as its immutable :meth:`TaskRecord.snapshot`
+instead of its encoding: a later tick builds a new object from it, so changing a record in
+place never changes what is stored, and a rolled-back tick leaves the stored records as
+they were.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from typing import Any
 import msgpack
 
 from flowrra.broker.records import Attempt, TaskRecord, decode_attempt, encode_attempt
-from flowrra.broker.store import Store, Table
+from flowrra.broker.store import MemoryStore, Store, Table
 from flowrra.errors import FlowrraError
+from flowrra.protocol import packb
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -63,6 +68,11 @@ class TaskRepository:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # In memory, records are kept as snapshots (TaskRecord.snapshot) from one tick to the
+        # next: no encoding at each save and no decoding when a later tick reads them.
+        self._memory = store if isinstance(store, MemoryStore) else None
+        if self._memory is not None:
+            self._memory.keep_objects(Table.TASKS, TaskRecord.encode_snapshot)
         self._records: dict[str, TaskRecord] = {}  # this tick's decoded or written records
         # Queue entries of tasks added this tick (new orders, never committed) -> task id.
         self._fresh: dict[int, str] = {}
@@ -81,19 +91,38 @@ class TaskRepository:
         if record is not None:
             return record
         key = task_id.encode()
-        data = self.store.get(Table.TASKS, key)
+        memory = self._memory
+        data = (
+            self.store.get(Table.TASKS, key)
+            if memory is None
+            else memory.get_object(Table.TASKS, key)
+        )
         if data is None:
             return None
-        record = TaskRecord.decode(data, self.store.get(Table.PAYLOADS, key) or b"")
+        payload = self.store.get(Table.PAYLOADS, key) or b""
+        if type(data) is tuple:
+            record = TaskRecord.from_snapshot(data, payload)
+        else:
+            record = TaskRecord.decode(data, payload)
         self._records[task_id] = record
         return record
 
     def exists(self, task_id: str) -> bool:
-        return task_id in self._records or self.store.get(Table.TASKS, task_id.encode()) is not None
+        if task_id in self._records:
+            return True
+        key = task_id.encode()
+        memory = self._memory
+        if memory is not None:
+            return memory.get_object(Table.TASKS, key) is not None
+        return self.store.get(Table.TASKS, key) is not None
 
     def save(self, record: TaskRecord) -> None:
-        """Write a record's state (its arguments are written once, by :meth:`add`)."""
-        self.store.put(Table.TASKS, record.task_id.encode(), record.encode())
+        """Write a record's state as it is now (its arguments are written once, by
+        :meth:`add`); later changes to the object are not stored until it is saved again."""
+        if self._memory is not None:
+            self._memory.put_object(Table.TASKS, record.task_id.encode(), record.snapshot())
+        else:
+            self.store.put(Table.TASKS, record.task_id.encode(), record.encode())
         self._records[record.task_id] = record
 
     def add(self, record: TaskRecord, *, queued: bool = True) -> None:
@@ -143,7 +172,7 @@ class TaskRepository:
 
     def enqueue(self, record: TaskRecord) -> None:
         """The queue entry of a PENDING record at its ``order``."""
-        entry = msgpack.packb([record.task_id, record.name, record.priority])
+        entry = packb([record.task_id, record.name, record.priority])
         self.store.put(Table.QUEUE, _U64.pack(record.order), entry)
 
     def take_queued(self, order: int) -> str | None:
@@ -263,7 +292,7 @@ class TaskRepository:
     # ------------------------------------------------------------------ schedules
 
     def save_schedule(self, schedule: dict[str, Any]) -> None:
-        self.store.put(Table.SCHEDULES, schedule["id"].encode(), msgpack.packb(schedule))
+        self.store.put(Table.SCHEDULES, schedule["id"].encode(), packb(schedule))
 
     def delete_schedule(self, schedule_id: str) -> None:
         self.store.delete(Table.SCHEDULES, schedule_id.encode())
@@ -279,7 +308,7 @@ class TaskRepository:
         return None if data is None else msgpack.unpackb(data, raw=False)
 
     def save_workflow(self, workflow: dict[str, Any]) -> None:
-        self.store.put(Table.WORKFLOWS, workflow["id"].encode(), msgpack.packb(workflow))
+        self.store.put(Table.WORKFLOWS, workflow["id"].encode(), packb(workflow))
 
     # ------------------------------------------------------------------ format
 

@@ -13,7 +13,7 @@ import enum
 import errno
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import lmdb
@@ -102,7 +102,8 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-_Pending = dict[tuple[Table, bytes], bytes | None]
+# A buffered value: bytes, None for a delete, or (MemoryStore.put_object) a Python object.
+_Pending = dict[tuple[Table, bytes], Any]
 
 
 class _WriteBuffer:
@@ -113,12 +114,17 @@ class _WriteBuffer:
 
     def get(self, table: Table, key: bytes) -> bytes | None:
         pending = self._pending.get((table, key), _MISSING)
-        if pending is not _MISSING:
-            return pending  # type: ignore[no-any-return]
-        return self._committed(table, key)
+        if pending is _MISSING:
+            return self._committed(table, key)
+        if pending is None or type(pending) is bytes:
+            return pending
+        return self._encode(table, pending)
 
     def _committed(self, table: Table, key: bytes) -> bytes | None:
         raise NotImplementedError
+
+    def _encode(self, table: Table, value: object) -> bytes:
+        raise TypeError(f"{type(self).__name__} holds bytes only, not {type(value).__name__}")
 
     def put(self, table: Table, key: bytes, value: bytes) -> None:
         self._pending[(table, key)] = value
@@ -145,17 +151,46 @@ class MemoryStore(_WriteBuffer):
 
     def __init__(self) -> None:
         super().__init__()
-        self._tables: dict[Table, dict[bytes, bytes]] = {t: {} for t in Table}
+        # Values are bytes, or objects written with put_object to a table keep_objects named.
+        self._tables: dict[Table, dict[bytes, Any]] = {t: {} for t in Table}
+        self._encoders: dict[Table, Callable[[Any], bytes]] = {}
+
+    def keep_objects(self, table: Table, encode: Callable[[Any], bytes]) -> None:
+        """Let ``table`` hold immutable Python objects (:meth:`put_object`) instead of their
+        encoding: nothing is encoded at each write or decoded at each read (the repository
+        keeps task records so), and as no caller can change a stored value in place,
+        :meth:`discard` still rolls a tick back. :meth:`get` and :meth:`scan` return
+        ``encode(value)``: the bytes LMDB would hold."""
+        self._encoders[table] = encode
+
+    def put_object(self, table: Table, key: bytes, value: object) -> None:
+        """Buffer a write of an immutable object to a table named by :meth:`keep_objects`."""
+        assert table in self._encoders, f"{table} holds bytes only"
+        self._pending[(table, key)] = value
+
+    def get_object(self, table: Table, key: bytes) -> Any:
+        """A key's value as it was written (an object or bytes), or None."""
+        pending = self._pending.get((table, key), _MISSING)
+        if pending is not _MISSING:
+            return pending
+        return self._tables[table].get(key)
 
     def _committed(self, table: Table, key: bytes) -> bytes | None:
-        return self._tables[table].get(key)
+        value = self._tables[table].get(key)
+        if value is None or type(value) is bytes:
+            return value
+        return self._encode(table, value)
+
+    def _encode(self, table: Table, value: object) -> bytes:
+        return self._encoders[table](value)
 
     def scan(
         self, table: Table, start: bytes = b"", stop: bytes | None = None
     ) -> Iterator[tuple[bytes, bytes]]:
         data = self._tables[table]
         for key in sorted(k for k in data if k >= start and (stop is None or k < stop)):
-            yield key, data[key]
+            value = data[key]
+            yield key, value if type(value) is bytes else self._encode(table, value)
 
     def commit(self) -> None:
         pending, self._pending = self._pending, {}
