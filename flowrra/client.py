@@ -127,6 +127,8 @@ class BrokerClient:
         self._unresolved: dict[str, int] = {}
         self._outgoing: list[list[Any]] = []
         self._flush_scheduled = False
+        # The acknowledgements awaited for the deferred submits batched for the next flush.
+        self._batch_wait: _AckWait | None = None
         self._in_process = False  # the link hands messages over unencoded (flowrra.inproc)
         self._closed = False
 
@@ -230,10 +232,21 @@ class BrokerClient:
                     f"the broker accepts messages up to {self.max_message_bytes} bytes"
                 )
         loop = asyncio.get_running_loop()
-        wait = _AckWait(loop.create_future(), len(submissions))
+        batched = self._flush_scheduled or not self._in_process
+        shared = self._batch_wait if batched and not confirm else None
+        if shared is not None:
+            # Another deferred submit of this loop iteration's batch: one wait for all of
+            # them (nobody awaits it but confirmed(), and a refusal goes to the task's
+            # waiters), instead of a future and two callbacks per submit.
+            wait = shared
+            wait.remaining += len(submissions)
+        else:
+            wait = _AckWait(loop.create_future(), len(submissions))
+            wait.deferred = not confirm  # before sending: in-process, the ACK comes during it
+            if batched and not confirm:
+                self._batch_wait = wait
         epoch = self._epoch
         now = loop.time()
-        wait.deferred = not confirm  # before sending: in-process, the ACK comes during it
         wires = []
         for sub in submissions:
             wire = sub.to_wire()
@@ -255,7 +268,7 @@ class BrokerClient:
             self._schedule_flush()
             self._send_batches(wires)
         if not confirm:
-            if not wait.future.done():  # (in-process it usually is: nothing to keep)
+            if shared is None and not wait.future.done():  # (in-process it usually is)
                 self._deferred.add(wait.future)
                 wait.future.add_done_callback(self._deferred.discard)
                 wait.future.add_done_callback(_consume)  # its errors reach the waiters
@@ -433,6 +446,7 @@ class BrokerClient:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._batch_wait = None  # later deferred submits wait on a batch of their own
         outgoing, self._outgoing = self._outgoing, []
         self._send_batches(outgoing)
 
