@@ -25,33 +25,10 @@ from flowrra.transport import (
     Wakeup,
     WatchedSocket,
     raw_send,
-    recv_frames,
     send_frames,
 )
 
 log = logging.getLogger("flowrra.broker.endpoint")
-
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_get = zmq.backend.Socket.get  # getsockopt without pyzmq's Python layer
-
-
-def _readable(socket: zmq.Socket[bytes]) -> bool:
-    """A message is waiting (1 us, where a receive that fails with zmq.Again costs 3.7)."""
-    return bool(_get(socket, _EVENTS) & _POLLIN)  # type: ignore[operator]
-
-
-def _drain_ready(watched: WatchedSocket, limit: int) -> list[Frames]:
-    """Up to ``limit`` messages, stopping when ``EVENTS`` says none is left (so an empty
-    socket costs no failed receive); wakes the loop again if it stopped at the limit."""
-    socket = watched.socket
-    out: list[Frames] = []
-    while len(out) < limit and _readable(socket):
-        out.append(recv_frames(socket, NOBLOCK))
-    if len(out) >= limit:
-        watched.wakeup.set()
-    return out
-
 
 # What the broker holds for a peer that does not read. Nodes bound what is in flight to them
 # with credit and clients read everything at once (their sockets have no high-water mark), so
@@ -136,6 +113,11 @@ class ServerSecurity(Protocol):
     def apply(self, socket: zmq.Socket[bytes]) -> None: ...
     def start(self, context: zmq.Context[Any]) -> None: ...
     def stop(self) -> None: ...
+
+
+def _recv_parts(socket: zmq.Socket[bytes], flags: int) -> list[zmq.Frame]:
+    """One message as frames that carry their metadata (the CURVE user id)."""
+    return socket.recv_multipart(flags, copy=False)
 
 
 def default_publish_endpoint(bind_url: str) -> str:
@@ -309,45 +291,39 @@ class ZmqBrokerEndpoint:
         if self.security is not None:
             messages = self._drain_authenticated(limit)
         else:
-            for frames in _drain_ready(self._router, limit):
+            for frames in self._router.drain(limit):
                 if len(frames) < 2:
                     continue  # no routing id or empty: nothing to answer
                 messages.append((frames[0], frames[1:]))
         # XPUB delivers b"\x01" + topic for a subscription, b"\x00" + topic for its end.
         topics = [
             frames[0][1:]
-            for frames in _drain_ready(self._publisher, limit)
+            for frames in self._publisher.drain(limit)
             if frames and frames[0][:1] == b"\x01"
         ]
         return messages, topics
 
     def has_input(self) -> bool:
-        """Something waits to be drained. Checked after a tick's sends, before the loop
-        sleeps: ZeroMQ's descriptor is edge-triggered and a send can consume its edge, but
-        once ``EVENTS`` has said "nothing", the next arrival signals it again."""
-        return _readable(self._router.socket) or _readable(self._publisher.socket)
+        """Something waits to be drained. Call it after a tick's sends, before the loop
+        sleeps: ZeroMQ's descriptor is edge-triggered and a send can consume its edge, so
+        a socket sent on since its last drain is asked (once, not after every send); for
+        the others the descriptor signals what arrives."""
+        return self._router.has_input() or self._publisher.has_input()
 
     def _drain_authenticated(self, limit: int) -> list[tuple[bytes, Frames]]:
         """Like drain, reading each message's CURVE user id: node commands from a client
         key are dropped here, before the broker sees them."""
         out: list[tuple[bytes, Frames]] = []
-        socket = self._router.socket
-        try:
-            while len(out) < limit:
-                parts = socket.recv_multipart(NOBLOCK, copy=False)
-                if len(parts) < 2:
-                    continue
-                user = parts[0].get("User-Id")
-                frames = [part.bytes for part in parts]
-                if not node_command_allowed(str(user), frames[1:]):
-                    # Logged every time: refusals are security events worth auditing.
-                    log.warning("refused a node command from a non-node key (%s)", user)
-                    continue
-                out.append((frames[0], frames[1:]))
-        except zmq.Again:
-            pass
-        if len(out) >= limit:
-            self._router.wakeup.set()
+        for parts in self._router.drain_with(limit, _recv_parts):
+            if len(parts) < 2:
+                continue
+            user = parts[0].get("User-Id")
+            frames = [part.bytes for part in parts]
+            if not node_command_allowed(str(user), frames[1:]):
+                # Logged every time: refusals are security events worth auditing.
+                log.warning("refused a node command from a non-node key (%s)", user)
+                continue
+            out.append((frames[0], frames[1:]))
         return out
 
     def send(self, peer: bytes, frames: Frames) -> bool:
@@ -392,7 +368,7 @@ class ZmqBrokerEndpoint:
                 return _GONE
             raise
         finally:
-            self._router.check()
+            self._router.sent()  # has_input asks once, after the tick's sends
         return _SENT
 
     def _hold(self, peer: bytes, state: _Peer, frames: Frames) -> bool:
@@ -525,7 +501,7 @@ class ZmqBrokerEndpoint:
             # A subscriber that does not read holds the large publications libzmq queued
             # for it. Results are stored: whoever waits for this one asks for it instead.
             self.counters["publications_dropped"] += 1
-        self._publisher.check()
+        self._publisher.sent()
 
     def _room_to_publish(self, size: int) -> bool:
         published, limit = self._published, self.publish_bytes

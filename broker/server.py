@@ -133,11 +133,12 @@ class BrokerService:
                     # touch the whole task table): they count in RSS until let go.
                     self._next_release = now + RELEASE_PAGES_INTERVAL_S
                     self.store.release_pages()
-                if (messages or topics) and (deferred or has_input is None or has_input()):
+                if deferred or (bool(messages or topics) if has_input is None else has_input()):
                     await asyncio.sleep(0)  # let the other coroutines of this loop run
                     continue
-                # Nothing waits (a ZeroMQ endpoint says so, after this tick's sends): sleep
-                # until something arrives or is due, with no empty drain and tick first.
+                # Nothing waits (a ZeroMQ endpoint says so, asking once after this tick's
+                # sends): sleep until something arrives or is due, with no empty drain and
+                # tick first.
                 now = self.clock()
                 sleep_s = broker.seconds_until_due(now)
                 self._sleeping_until = now + sleep_s

@@ -225,13 +225,16 @@ class Node:
                 if self._welcomed and now - self._last_sent >= interval:
                     link.send(protocol.encode(Command.HEARTBEAT))
                     self._last_sent = now
-                if not messages:
-                    wait = expiry - (now - heard)
-                    if self._welcomed:  # heartbeats only once registered
-                        wait = min(wait, interval - (now - self._last_sent))
-                    await self._wakeup.wait(max(wait, 0.001))
-                else:
-                    await asyncio.sleep(0)
+                if len(messages) >= DRAIN_LIMIT:
+                    await asyncio.sleep(0)  # more waits: let what started run, then go on
+                    continue
+                # The drain stopped because nothing is left (it asks ZeroMQ, which then
+                # signals the next arrival), and a send re-checks for input: sleep now,
+                # without a pass of the loop and an empty drain first.
+                wait = expiry - (now - heard)
+                if self._welcomed:  # heartbeats only once registered
+                    wait = min(wait, interval - (now - self._last_sent))
+                await self._wakeup.wait(max(wait, 0.001))
         finally:
             if self._stopping:
                 self._flush()

@@ -1,0 +1,84 @@
+"""Fewer wake-ups and system calls per message: a ZeroMQ socket is drained by ``EVENTS``
+(no failed receive), and a send followed by one later check cannot hide a message."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import zmq
+
+from flowrra.transport import Wakeup, WatchedSocket, recv_frames
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    a.setsockopt(zmq.LINGER, 0)
+    b.setsockopt(zmq.LINGER, 0)
+    port = a.bind_to_random_port("tcp://127.0.0.1")
+    b.connect(f"tcp://127.0.0.1:{port}")
+    yield a, b
+    a.close(linger=0)
+    b.close(linger=0)
+    ctx.destroy(linger=0)
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.005)
+
+
+async def test_a_drain_receives_only_what_waits(
+    pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
+) -> None:
+    a, b = pair
+    wakeup = Wakeup()
+    watched = WatchedSocket(a, wakeup)
+    receives = 0
+
+    def counting(socket: zmq.Socket[bytes], flags: int) -> list[bytes]:
+        nonlocal receives
+        receives += 1
+        return recv_frames(socket, flags)
+
+    try:
+        assert watched.drain_with(10, counting) == [] and receives == 0
+        for body in (b"one", b"two", b"three"):
+            b.send_multipart([b"h", body])
+        await _until(watched.has_input)  # the descriptor's callback saw them
+        got: list[list[bytes]] = []
+        while len(got) < 3:
+            got.extend(watched.drain_with(10, counting))
+            if len(got) < 3:
+                await _until(watched.has_input)
+        assert [frames[1] for frames in got] == [b"one", b"two", b"three"]
+        assert receives == 3  # one receive per message, none that failed
+        assert not watched.has_input()
+    finally:
+        watched.close()
+
+
+async def test_after_a_send_the_next_check_asks_zeromq(
+    pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
+) -> None:
+    a, b = pair
+    watched = WatchedSocket(a, Wakeup())
+    try:
+        assert watched.drain(10) == []
+        b.send(b"ping")
+        # Something other than the watcher lets libzmq take the arrival (as a send can):
+        # the descriptor will not signal it again, and the watcher does not know of it.
+        assert a.poll(5000, zmq.POLLIN)
+        watched.sent()  # what the broker's endpoint does after each send
+        assert watched.has_input()  # one EVENTS check finds it
+        assert watched.drain(10) == [[b"ping"]]
+        assert not watched.has_input()
+    finally:
+        watched.close()
