@@ -32,6 +32,8 @@ DRAIN_LIMIT = 2000
 RELEASE_PAGES_INTERVAL_S = 2.0
 # While commits keep failing (a full disk), the error is logged again at most this often.
 FAILURE_LOG_INTERVAL_S = 30.0
+# Longest an fsync'd commit waits for the outcomes of the tasks its tick dispatched.
+LINGER_MAX_S = 0.001
 
 
 def open_store(config: BrokerConfig) -> Store:
@@ -82,6 +84,10 @@ class BrokerService:
         self._processing = False  # inside process_now
         self._sleeping_until = math.inf  # when the loop, asleep, wakes by itself
         self._next_release = 0.0  # when to let go of mapped store pages next
+        # A commit waits for more input until then (time.monotonic(); 0.0: it does not;
+        # see _linger), at most about as long as a commit takes (_commit_s, measured).
+        self._linger_until = 0.0
+        self._commit_s = LINGER_MAX_S / 2
 
     def stop(self) -> None:
         self._stopping = True
@@ -118,12 +124,22 @@ class BrokerService:
                     broker.handle_subscription(topic)
                 broker.tick(now)
                 if self.store.dirty:
+                    fresh = self._fresh_dispatch() if self._writer is not None else False
                     # Dispatches need not wait for the disk: a crash before this commit only
                     # means the attempt runs again under the same number, and attempts are
                     # fenced, so the task still gets exactly one final result. Nodes start
                     # working while the fsync runs; acknowledgements and results wait for it.
                     if self._failing_since is None:  # else they would be resent every tick
                         self._send_dispatches(now)
+                    if self._linger(fresh, bool(deferred)):
+                        # Wait (briefly) for the outcomes of what was just dispatched, and
+                        # commit them with it: one fsync instead of two. Nothing waiting
+                        # on this commit has been sent, so no promise is made early.
+                        self._processing = False
+                        if not (has_input is not None and has_input()):
+                            await self.wakeup.wait(self._linger_until - time.monotonic())
+                        continue
+                    self._linger_until = 0.0
                     await self._commit()
                 if broker.outbox:
                     self._flush(now)
@@ -151,6 +167,51 @@ class BrokerService:
                 self._flush(self.clock())
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
+
+    def _linger(self, fresh: bool, deferred: bool) -> bool:
+        """Whether this tick's commit should wait for more input first.
+
+        Only with an fsync'd commit, after a tick that dispatched only tasks it accepted
+        itself (see :meth:`_fresh_dispatch`) and has nothing to send after its commit but
+        acknowledgements (no result, no reply to a request): the outcomes of quick tasks
+        then arrive before the commit and share its fsync, instead of waiting for it and
+        needing one of their own. The wait lasts at most about one commit (the recent
+        commit time, at most ``LINGER_MAX_S``) from the first such tick, so an
+        acknowledgement waits at most that much longer when no outcome comes. (Real time,
+        not :attr:`clock`: a test's clock may stand still.)
+        """
+        now = time.monotonic()
+        if self._linger_until:
+            return now < self._linger_until and not self._publishes_or_replies()
+        if (
+            not fresh
+            or deferred
+            or self._stopping
+            or self._failing_since is not None
+            or self._publishes_or_replies()
+        ):
+            return False
+        self._linger_until = now + min(self._commit_s, LINGER_MAX_S)
+        return True
+
+    def _fresh_dispatch(self) -> bool:
+        """This tick dispatches tasks, all of them accepted in this tick.
+
+        A broker killed before the commit loses such a task whole (acceptance and
+        dispatch): its client sends it again and it may run twice, which a dispatch that
+        leaves before its commit allows anyway (docs/operations.md). A task stored by an
+        earlier commit and dispatched now is different: after a kill before the commit its
+        node must claim the attempt at re-registration, so the window before the commit is
+        kept short for it (no lingering)."""
+        outbox = self.broker.outbox
+        if not outbox.tasks or not outbox.acks:
+            return False
+        accepted = {item[0] for items in outbox.acks.values() for item in items if item[1] is None}
+        return all(item[0] in accepted for items in outbox.tasks.values() for item in items)
+
+    def _publishes_or_replies(self) -> bool:
+        outbox = self.broker.outbox
+        return bool(outbox.results or outbox.publications or outbox.messages)
 
     def process_now(self) -> None:
         """Handle what arrived, a tick, commit and send, all on the caller's stack.
@@ -213,11 +274,14 @@ class BrokerService:
         if self._writer is None:
             self._commit_now()
             return
+        started = time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit)
         except (StoreError, OSError) as exc:
             self._commit_failed(exc)
             return
+        # How long a commit takes (fsync and the hand-off), smoothed: the linger's bound.
+        self._commit_s += (time.monotonic() - started - self._commit_s) / 8
         self._committed()
 
     def _commit_now(self) -> None:

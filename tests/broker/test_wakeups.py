@@ -1,15 +1,20 @@
 """Fewer wake-ups and system calls per message: a ZeroMQ socket is drained by ``EVENTS``
-(no failed receive), and a send followed by one later check cannot hide a message."""
+(no failed receive), a send followed by one later check cannot hide a message, and an
+fsync'd commit after a tick that dispatched what it accepted waits for those tasks'
+outcomes and commits them too (one commit per quick task), publishing nothing early."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import zmq
 
+import flowrra.broker.server as server
+from flowrra import Flowrra
 from flowrra.transport import Wakeup, WatchedSocket, recv_frames
 
 
@@ -82,3 +87,55 @@ async def test_after_a_send_the_next_check_asks_zeromq(
         assert not watched.has_input()
     finally:
         watched.close()
+
+
+async def test_a_quick_task_takes_one_fsynced_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its acceptance, dispatch and outcome share one commit, and the result is published
+    after that commit returned."""
+    monkeypatch.setattr(server, "LINGER_MAX_S", 30.0)  # no timing in the test: wait for it
+    app = Flowrra.from_urls(data_dir=str(tmp_path), durability="full")
+
+    @app.task()
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async with app:
+        service = app._service
+        assert service is not None
+        service._commit_s = 30.0
+        commit = service.store.commit
+        commits: list[int] = []
+
+        def counted() -> None:
+            commit()
+            commits.append(len(commits) + 1)
+
+        service.store.commit = counted  # type: ignore[method-assign]
+        await app.wait_for_result(await app.submit(double, 1))  # the first may differ
+        commits.clear()
+        result = await app.wait_for_result(await app.submit(double, 21))
+        committed_when_heard = len(commits)
+        assert result.result == 42
+        assert committed_when_heard == 1  # published after the one commit, not before
+        assert commits == [1]
+
+
+async def test_an_acknowledgement_does_not_wait_for_a_slow_task(tmp_path: Path) -> None:
+    """The commit waits for outcomes for about one commit's time at most: a task that runs
+    on is acknowledged anyway (confirm_submits waits for the ACK, not the result)."""
+    app = Flowrra.from_urls(data_dir=str(tmp_path), durability="full", confirm_submits=True)
+    release = asyncio.Event()
+
+    @app.task()
+    async def held() -> str:
+        await release.wait()
+        return "done"
+
+    async with app:
+        task_id = await app.submit(held)  # returns once acknowledged (committed)
+        record = await app.get_result(task_id)
+        assert record is not None and record.status.value in ("pending", "running")
+        release.set()
+        assert (await app.wait_for_result(task_id)).result == "done"
