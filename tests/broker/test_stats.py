@@ -92,3 +92,44 @@ def test_a_bare_core_has_no_stats() -> None:
     h = Harness()
     assert admin(h, "task_list") == (None, [])
     assert admin(h, "task_stats")[1]["tasks"] == {}
+
+
+def test_recent_reads_across_counted_blocks_and_keeps_each_tasks_latest_status() -> None:
+    stats = TaskStats(recent=5000)
+    for i in range(3000):  # three events each: more than two counted blocks
+        task_id = f"t{i}"
+        stats.submitted("n", task_id)
+        stats.started("n", 0.0, task_id)
+        stats.finished("n", TaskStatus.FAILED if i % 3 == 0 else TaskStatus.SUCCESS, 0.1, task_id)
+    failed = list(stats.recent(statuses=frozenset({TaskStatus.FAILED})))
+    assert failed == [f"t{i}" for i in range(2999, -1, -1) if i % 3 == 0]
+    assert len(list(stats.recent())) == 3000  # each task once, newest first
+    figures = stats.figures()["n"]
+    assert (figures["submitted"], figures["started"], figures["finished"]) == (3000, 3000, 3000)
+    assert figures["failed"] == 1000
+    assert figures["runs"] == 1000  # the window
+
+
+def test_a_correction_holds_until_the_tasks_next_event() -> None:
+    stats = TaskStats()
+    stats.finished("n", TaskStatus.FAILED, None, "a")
+    stats.submitted("n", "b")
+    assert list(stats.recent(statuses=frozenset({TaskStatus.FAILED}))) == ["a"]
+    stats.correct("a", TaskStatus.PENDING)  # queued again from the dead letters
+    assert list(stats.recent(statuses=frozenset({TaskStatus.PENDING}))) == ["b", "a"]
+    stats.started("n", 0.0, "a")  # a newer event decides again
+    assert list(stats.recent(statuses=frozenset({TaskStatus.PENDING}))) == ["b"]
+    assert list(stats.recent()) == ["a", "b"]
+    list(stats.recent())
+    stats.correct("b", None)  # its record is gone
+    assert list(stats.recent()) == ["a"]
+
+
+def test_figures_count_events_not_yet_in_a_full_block() -> None:
+    stats = TaskStats()
+    stats.submitted("n", "a")
+    stats.retried("n", "a")
+    assert stats.figures()["n"]["submitted"] == 1
+    stats.submitted("n", "b")
+    figures = stats.figures()["n"]
+    assert (figures["submitted"], figures["retried"]) == (2, 1)  # each event counted once
