@@ -14,6 +14,14 @@ _RECORD_FORMAT = 2
 _STATUSES = {status.value: status for status in TaskStatus}
 
 
+def _status(value: object) -> TaskStatus:
+    """The status a stored record names (a dict lookup: calling the enum costs 0.6 us)."""
+    try:
+        return _STATUSES[value]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise ProtocolError(f"unknown task status {value!r} in a stored record") from None
+
+
 class Attempt(NamedTuple):
     """How one attempt of a task ended (its history entry)."""
 
@@ -95,7 +103,7 @@ class TaskRecord:
             self.retry_delay_s,
             self.timeout_s,
             self.submitted_at,
-            self.status.value,
+            self.status._value_,  # (`.value` is a descriptor: 0.1 us)
             self.attempt,
             self.retries,
             self.order,
@@ -142,7 +150,7 @@ class TaskRecord:
             raise ProtocolError("unknown task record format")
         args = [*fields[1:4], payload, *fields[4:]]
         record = cls(*args)
-        record.status = TaskStatus(record.status)
+        record.status = _status(record.status)
         return record
 
     @classmethod
@@ -153,7 +161,7 @@ class TaskRecord:
             raise ProtocolError("unknown task record format")
         history = [Attempt(*entry) for entry in fields[21]]
         record = cls(*fields[1:21], *fields[22:])
-        record.status = TaskStatus(record.status)
+        record.status = _status(record.status)
         return record, history
 
     def attempt_end(
@@ -188,7 +196,7 @@ class TaskRecord:
         return {
             "task_id": self.task_id,
             "task_name": self.name,
-            "status": self.status.value,
+            "status": self.status._value_,
             "result": self.result,
             "error": self.error,
             "traceback": self.traceback,

@@ -39,7 +39,7 @@ import msgpack
 from flowrra.broker.records import Attempt, TaskRecord, decode_attempt, encode_attempt
 from flowrra.broker.store import MemoryStore, Store, Table
 from flowrra.errors import FlowrraError
-from flowrra.protocol import packb
+from flowrra.protocol import TaskStatus, packb
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -244,7 +244,7 @@ class TaskRepository:
         """Store a final record, due to be forgotten at ``expires_ms``; a FAILED one is a
         dead letter until then."""
         key = record.task_id.encode()
-        if record.status.value == "failed":
+        if record.status is TaskStatus.FAILED:
             self.store.put(Table.DEAD, _dead_key(expires_ms, key), b"")
         self.save(record)
         self.store.put(Table.EXPIRY, _U64.pack(expires_ms) + key, b"")
@@ -277,7 +277,7 @@ class TaskRepository:
         records = []
         for key, _ in self.store.scan(Table.DEAD):
             record = self.get(key[_U64.size :].decode())
-            if record is not None and record.status.value == "failed":
+            if record is not None and record.status is TaskStatus.FAILED:
                 records.append(record)
                 if len(records) >= limit:
                     break
