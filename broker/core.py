@@ -193,6 +193,9 @@ class Broker:
         # Ticks run so far, and workflow steps released in one, queued after its commit.
         self._ticks = 0
         self._dispatch_after = 0.0  # after a restart: when dispatching may start
+        # After a restart: the nodes registered before it that have not re-registered yet.
+        self._awaited_nodes: set[str] = set()
+        self._dispatch_floor = 0.0
         self._held: list[tuple[int, TaskRecord]] = []
         # Items handled and reply bytes built in the current tick (see TICK_ITEMS).
         self.tick_items = 0
@@ -411,9 +414,18 @@ class Broker:
             self._orphans_until = now + 2 * self.nodes.expiry_ms / 1000
         if queued and not quiet:
             # A queued task may have been dispatched just before the crash (dispatches leave
-            # before the commit): give the nodes one heartbeat interval to re-register and
-            # claim such attempts (see _adopt_lost_dispatch) before anything is dispatched.
-            self._dispatch_after = now + self.config.heartbeat_interval_ms / 1000
+            # before the commit): let the nodes re-register and claim such attempts (see
+            # _adopt_lost_dispatch) before anything is dispatched. That is until every node
+            # registered before the crash is back, at most one liveness window (a node may
+            # take a reconnect back-off and a heartbeat interval to notice the restart).
+            # Not before one heartbeat interval in any case: a node that registered in the
+            # lost tick itself is not on the stored list.
+            self._dispatch_floor = now + self.config.heartbeat_interval_ms / 1000
+            self._dispatch_after = self._dispatch_floor
+            before = self.repo.registered_nodes() or []
+            self._awaited_nodes = {n for n in before if self.nodes.by_node_id(n) is None}
+            if self._awaited_nodes:
+                self._dispatch_after = now + self.nodes.expiry_ms / 1000
         if queued or running or retrying or scheduled:
             log.log(
                 logging.DEBUG if quiet else logging.INFO,
@@ -739,6 +751,8 @@ class Broker:
                 else:  # a new connection: what it does not list never reached the node
                     self._requeue_lost(task_id, now, count_loss=False)
         node = self.nodes.add(peer, ready, now_ms)
+        if previous is None or previous.node_id != ready.node_id:
+            self._store_nodes()
         if previous is not None and previous.peer == peer:
             node.unreported.update(previous.unreported)
             self._keep_unreported(node, previous.unreported, previous.waiting)
@@ -767,6 +781,10 @@ class Broker:
         self.outbox.send(peer, Command.WELCOME, self.welcome)
         if superseded:
             self.outbox.send(peer, Command.CANCEL, superseded)
+        if self._awaited_nodes:
+            self._awaited_nodes.discard(ready.node_id)
+            if not self._awaited_nodes:  # every node is back and has claimed what it holds
+                self._dispatch_after = self._dispatch_floor
         log.info(
             "node %s joined from %s (pid %d): %d async and %d cpu slots, %d task names",
             ready.node_id,
@@ -824,7 +842,12 @@ class Broker:
             log.warning("node %s disconnected", node.node_id)
             self._release_node(node, now, lost=True)
 
+    def _store_nodes(self) -> None:
+        """Keep the registered node ids: after a restart, dispatch waits for them."""
+        self.repo.store_registered_nodes(sorted(node.node_id for node in self.nodes))
+
     def _release_node(self, node: NodeState, now: float, *, lost: bool) -> None:
+        self._store_nodes()
         for task_id in list(node.leases):
             lease = self.leases.get(task_id)
             # An attempt waiting on the node for a slot never ran there: no loss to count.

@@ -45,6 +45,8 @@ _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _U64_MAX = 2**64 - 1
 _NEXT_ORDER_KEY = b"next_order"
+# The ids of the registered nodes (msgpack list), rewritten when a node joins or leaves.
+_NODES_KEY = b"nodes"
 _FORMAT_KEY = b"format"
 # The layout of the store's tables and keys; bumped whenever any of them changes. Format 1
 # kept arguments and history inside the record; it is migrated in place at start-up.
@@ -209,6 +211,14 @@ class TaskRepository:
 
     def store_next_order(self, order: int) -> None:
         self.store.put(Table.META, _NEXT_ORDER_KEY, _U64.pack(order))
+
+    def registered_nodes(self) -> list[str] | None:
+        """The node ids registered when the set last changed (None: never stored)."""
+        stored = self.store.get(Table.META, _NODES_KEY)
+        return None if stored is None else list(msgpack.unpackb(stored))
+
+    def store_registered_nodes(self, node_ids: list[str]) -> None:
+        self.store.put(Table.META, _NODES_KEY, packb(node_ids))
 
     # ------------------------------------------------------------------ leases
 

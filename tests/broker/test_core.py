@@ -815,8 +815,12 @@ def test_recover_after_reopening_the_store(tmp_path: Path) -> None:
 
     h2.ready(NODE_B, async_slots=5)
     h2.tick()
-    assert h2.dispatched() == {}  # nodes get a heartbeat interval to claim lost dispatches
+    assert h2.dispatched() == {}  # nodes get time to claim lost dispatches
     h2.advance(INTERVAL_MS / 1000, heartbeats=(NODE_B,))
+    # Node A, registered before the restart, is not back: dispatch waits for it, for one
+    # liveness window at most.
+    assert h2.dispatched() == {}
+    h2.advance(EXPIRY_S - INTERVAL_MS / 1000, heartbeats=(NODE_B,))
     assert ids(h2.dispatched()[NODE_B]) == ["queued"]
     h2.result(NODE_B, "queued", 1, "ok")
 
@@ -1271,4 +1275,70 @@ def test_a_dispatch_lost_in_a_crash_is_adopted_not_run_again(tmp_path: Path) -> 
     assert h2.broker.counters["adopted_dispatches"] == 1
     h2.result(NODE_A, "t1", 1, "once")
     assert h2.record("t1").status is TaskStatus.SUCCESS
+    h2.broker.store.close()
+
+
+def _dispatched_then_killed(path: Path) -> bytes:
+    """Two nodes registered and committed, t1 dispatched to one of them, then a kill before
+    the commit that records the dispatch; returns the node t1 went to."""
+    h = Harness(LmdbStore(path))
+    h.broker.recover(h.now)
+    h.ready(NODE_A)
+    h.ready(NODE_B)
+    h.submit(submission("t1"))
+    h.broker.store.commit()
+    h.tick()
+    (holder,) = h.dispatched()
+    h.broker.store.discard()
+    h.broker.store.close()
+    return holder
+
+
+def test_after_a_restart_dispatch_waits_for_the_nodes_registered_before_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store"
+    holder = _dispatched_then_killed(path)
+    other = NODE_B if holder == NODE_A else NODE_A
+    h2 = Harness(LmdbStore(path))
+    h2.broker.recover(h2.now)
+    h2.ready(other)
+    h2.advance(2 * INTERVAL_MS / 1000, heartbeats=(other,))  # past one heartbeat interval
+    assert h2.dispatched() == {}  # the holder is not back yet: nothing leaves
+    h2.ready(holder, running=[("t1", 1)])
+    h2.tick()
+    assert h2.broker.counters["adopted_dispatches"] == 1
+    assert h2.dispatched() == {}  # adopted by its holder, not run a second time
+    h2.broker.store.close()
+
+
+def test_a_node_that_never_comes_back_holds_dispatch_for_one_liveness_window_only(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store"
+    holder = _dispatched_then_killed(path)
+    other = NODE_B if holder == NODE_A else NODE_A
+    h2 = Harness(LmdbStore(path))
+    h2.broker.recover(h2.now)
+    h2.ready(other)
+    h2.advance(EXPIRY_S - STEP, heartbeats=(other,))
+    assert h2.dispatched() == {}
+    h2.advance(2 * STEP, heartbeats=(other,))
+    assert ids(h2.dispatched()[other]) == ["t1"]  # run where it can be, after the window
+    h2.broker.store.close()
+
+
+def test_when_every_node_is_back_dispatch_starts_after_one_heartbeat_interval(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store"
+    _dispatched_then_killed(path)
+    h2 = Harness(LmdbStore(path))
+    h2.broker.recover(h2.now)
+    h2.ready(NODE_A)
+    h2.ready(NODE_B)  # neither holds t1 (the kill came before it arrived)
+    h2.tick()
+    assert h2.dispatched() == {}  # a node that registered in the lost tick gets its interval
+    h2.advance(INTERVAL_MS / 1000 + STEP, heartbeats=(NODE_A, NODE_B))
+    assert ids([d for ds in h2.dispatched().values() for d in ds]) == ["t1"]
     h2.broker.store.close()
