@@ -16,7 +16,7 @@ of tables and key bytes. Layouts, table by table:
 * ``dead``: (2**64 - 1 - expire_at_ms) (8 bytes, big-endian) + task id -> b"", newest first;
 * ``schedules``: schedule id -> its definition and slot state (a msgpack map);
 * ``workflows``: workflow id -> its steps and finished members (a msgpack map);
-* ``meta``: the store format and the next queue order.
+* ``meta``: the store format, the next queue order and the registered node ids.
 
 Big-endian integers sort numerically as LMDB keys, so every index is a cursor scan.
 
