@@ -11,14 +11,20 @@ from tests.conftest import BrokerProcess, Launcher, embedded_twin, remote_twin
 APP = "tests.apps.failures:app"
 
 
+@pytest.fixture(scope="module")
+def workflow_broker(module_launcher: Launcher) -> BrokerProcess:
+    """A broker with two nodes, shared by the remote runs (each test has its own task ids)."""
+    broker = module_launcher.broker()
+    module_launcher.node(broker, APP)
+    module_launcher.node(broker, APP)
+    return broker
+
+
 @pytest.fixture(params=["embedded", "remote"])
-def app(request: pytest.FixtureRequest, launcher: Launcher) -> Flowrra:
+def app(request: pytest.FixtureRequest) -> Flowrra:
     if request.param == "embedded":
         return embedded_twin(failures.app)
-    broker: BrokerProcess = launcher.broker()
-    launcher.node(broker, APP)
-    launcher.node(broker, APP)
-    return remote_twin(failures.app, broker)
+    return remote_twin(failures.app, request.getfixturevalue("workflow_broker"))
 
 
 async def test_a_chain_hands_each_result_on(app: Flowrra) -> None:
