@@ -196,13 +196,13 @@ async def test_a_late_result_of_a_cancelled_running_task_is_discarded_across_a_k
 
 # --------------------------------------------------------------------------- schedules
 
-INTERVAL_S = 2.0
+INTERVAL_S = 1.5
 KILLS = 3
-RUN_S = 0.5  # each run takes a while, so some kills land while one is running
+RUN_S = 0.4  # each run takes a while, so some kills land while one is running
 # A kill within the first moments of a slot can land between the dispatch of the slot's task
 # and the commit that stores it: then the slot's task runs again under the same id (the
 # documented at-least-once execution; it still gets one result). Kills avoid that window.
-KILL_AFTER_SLOT_S = (0.1, 1.9)
+KILL_AFTER_SLOT_S = (0.1, 1.4)
 
 
 async def slot_result(client: Flowrra, schedule: str, slot: float) -> TaskResult | None:
