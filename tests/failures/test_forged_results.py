@@ -121,7 +121,7 @@ def test_task_ids_are_not_guessable_from_the_public_prefix() -> None:
 @pytest.fixture(params=["embedded", "remote"])
 def mode_app(request: pytest.FixtureRequest, launcher: Launcher) -> Flowrra:
     if request.param == "embedded":
-        return embedded_twin(failures.app)
+        return embedded_twin(failures.app, processes=1)
     broker: BrokerProcess = launcher.broker()
     launcher.node(broker, APP)
     return remote_twin(failures.app, broker)

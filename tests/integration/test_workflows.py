@@ -23,7 +23,7 @@ def workflow_broker(module_launcher: Launcher) -> BrokerProcess:
 @pytest.fixture(params=["embedded", "remote"])
 def app(request: pytest.FixtureRequest) -> Flowrra:
     if request.param == "embedded":
-        return embedded_twin(failures.app)
+        return embedded_twin(failures.app, processes=1)
     return remote_twin(failures.app, request.getfixturevalue("workflow_broker"))
 
 
