@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowrra")
 
 F = TypeVar("F", bound=Callable[..., Any])
+# The (not before, deadline) of a submit without time options.
+_NO_TIMES: tuple[float | None, float | None] = (None, None)
 
 
 class Flowrra:
@@ -306,7 +308,7 @@ class Flowrra:
         kwargs: dict[str, Any],
         priority: int | None,
         task_id: str | None = None,
-        times: tuple[float | None, float | None] = (None, None),
+        times: tuple[float | None, float | None] = _NO_TIMES,
     ) -> Submission:
         if task_id is not None and (
             not isinstance(task_id, str)
@@ -316,17 +318,17 @@ class Flowrra:
             raise ValueError(
                 f"task_id must be a non-empty string of at most 200 bytes: {task_id!r}"
             )
-        return Submission(
-            task_id=task_id or client.new_task_id(),
-            name=spec.name,
-            priority=spec.priority if priority is None else priority,
-            payload=pack_args(list(args), kwargs),
-            max_retries=spec.max_retries,
-            retry_delay_s=spec.retry_delay,
-            timeout_s=spec.timeout,
-            submitted_at=time.time(),
-            eta=times[0],
-            deadline=times[1],
+        return Submission(  # positional: a NamedTuple takes keywords more slowly
+            task_id or client.new_task_id(),  # task_id
+            spec.name,  # name
+            spec.priority if priority is None else priority,  # priority
+            pack_args(list(args), kwargs),  # payload
+            spec.max_retries,  # max_retries
+            spec.retry_delay,  # retry_delay_s
+            spec.timeout,  # timeout_s
+            time.time(),  # submitted_at
+            times[0],  # eta
+            times[1],  # deadline
         )
 
     async def submit(
@@ -359,8 +361,12 @@ class Flowrra:
         broker keeps the task SCHEDULED until then. ``expires`` (seconds from now, or an
         aware datetime) ends a task that has not started by then as EXPIRED.
         """
-        check_priority(priority)
-        times = time_options(countdown, eta, expires, self._broker_clock())
+        if countdown is None and eta is None and expires is None:
+            times = _NO_TIMES  # the usual submit: no clock read, no checks to make
+        else:
+            times = time_options(countdown, eta, expires, self._broker_clock())
+        if priority is not None:
+            check_priority(priority)
         spec = self.spec_for(task)
         client = self._connected()
         submission = self._submission(client, spec, args, kwargs, priority, task_id, times)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import os
@@ -52,19 +53,42 @@ RESULT_CACHE_SIZE = 50_000
 # broker's message size limit with typical payloads.
 SUBMIT_BATCH = 1000
 _FINAL = protocol.FINAL_STATUS_VALUES
+# Module constants: reading an enum member from its class costs ~0.1 us (Python 3.11), and
+# these are read once or twice per task.
+_ACK = Command.ACK
+_RESULT = Command.RESULT
+_SUBMIT = Command.SUBMIT
+_PENDING = TaskStatus.PENDING._value_
+# The client's one timer keeps the deadlines of waits with a timeout; entries of waits that
+# ended sooner are dropped when the list has doubled since it was last cleaned.
+_MIN_DEADLINES_CLEANUP = 1024
 
 
 class _AckWait:
     """Acknowledgements still expected for one submit call."""
 
-    __slots__ = ("conflict", "deferred", "error", "future", "remaining")
+    __slots__ = ("conflict", "deferred", "done", "error", "future", "remaining")
 
-    def __init__(self, future: asyncio.Future[None], count: int) -> None:
-        self.future = future
+    def __init__(self, count: int) -> None:
+        # Made only when someone has to wait: in-process, the ACK usually comes during the
+        # send, and a deferred submit then needs no future at all.
+        self.future: asyncio.Future[None] | None = None
+        self.done = False  # every acknowledgement is in (or the client closed)
         self.remaining = count
         self.error: str | None = None
         self.conflict = False  # the first refusal was a task id taken by another call
         self.deferred = False  # submit() returned without waiting (confirm=False)
+
+    def pending(self) -> asyncio.Future[None]:
+        """The future that completes with the last acknowledgement (call while not done)."""
+        if self.future is None:
+            self.future = asyncio.get_running_loop().create_future()
+        return self.future
+
+    def finish(self) -> None:
+        self.done = True
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)
 
 
 class _StateWait:
@@ -111,7 +135,13 @@ class BrokerClient:
         self._unacked: dict[str, tuple[list[Any], float]] = {}
         self._unanswered: dict[int, tuple[list[bytes], float]] = {}
         self._admin: dict[int, asyncio.Future[Any]] = {}
+        # Futures of wait(), by task id: dropped when the record arrives, at the timeout (one
+        # timer for all, over _deadlines), or when cancelled, at the next quiet check.
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._deadlines: list[tuple[float, int, asyncio.Future[dict[str, Any]], str, float]] = []
+        self._deadline_ids = itertools.count()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadlines_cleanup_at = _MIN_DEADLINES_CLEANUP
         self._watchers: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
         # Submits that returned before their acknowledgement, and tasks the broker refused
         # after such a submit returned (their waiters get the error).
@@ -185,10 +215,14 @@ class BrokerClient:
         for closable in (self._subscriber, self._link):
             if closable is not None:
                 closable.close()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         error = BrokerUnavailable("the client was closed")
         for wait in self._acks.values():
-            if not wait.future.done():
-                wait.future.set_exception(error)
+            if not wait.done:
+                wait.done = True
+                if wait.future is not None and not wait.future.done():
+                    wait.future.set_exception(error)
         for pending in (*(s.future for s in self._gets.values()), *self._admin.values()):
             if not pending.done():
                 pending.set_exception(error)
@@ -241,7 +275,7 @@ class BrokerClient:
             wait = shared
             wait.remaining += len(submissions)
         else:
-            wait = _AckWait(loop.create_future(), len(submissions))
+            wait = _AckWait(len(submissions))
             wait.deferred = not confirm  # before sending: in-process, the ACK comes during it
             if batched and not confirm:
                 self._batch_wait = wait
@@ -268,14 +302,15 @@ class BrokerClient:
             self._schedule_flush()
             self._send_batches(wires)
         if not confirm:
-            if shared is None and not wait.future.done():  # (in-process it usually is)
-                self._deferred.add(wait.future)
-                wait.future.add_done_callback(self._deferred.discard)
-                wait.future.add_done_callback(_consume)  # its errors reach the waiters
+            if shared is None and not wait.done:  # (in-process it usually is)
+                future = wait.pending()
+                self._deferred.add(future)
+                future.add_done_callback(self._deferred.discard)
+                future.add_done_callback(_consume)  # its errors reach the waiters
             return
-        if not wait.future.done():
+        if not wait.done:
             try:
-                await self._bounded(wait.future, "acknowledge the submit")
+                await self._bounded(wait.pending(), "acknowledge the submit")
             except BaseException:
                 for sub in submissions:
                     self._acks.pop(sub.task_id, None)
@@ -290,7 +325,7 @@ class BrokerClient:
         self._refused[task_id] = exc
         if len(self._refused) > RESULT_CACHE_SIZE:
             self._refused.pop(next(iter(self._refused)))
-        for future in self._waiters.get(task_id, ()):
+        for future in self._drop_waiters(task_id):
             if not future.done():
                 future.set_exception(exc)
 
@@ -302,7 +337,11 @@ class BrokerClient:
             return
         _, not_done = await asyncio.wait(pending, timeout=timeout_s)
         if not_done:
-            count = sum(1 for wait in self._acks.values() if wait.future in not_done)
+            count = sum(
+                1
+                for wait in self._acks.values()
+                if wait.future is not None and wait.future in not_done
+            )
             raise BrokerUnavailable(
                 f"the broker did not confirm {count} submitted tasks within {timeout_s}s: "
                 "they may not be stored"
@@ -313,9 +352,9 @@ class BrokerClient:
         ``task_ids`` that returned without waiting, so that a query or a cancel sent right
         after such a submit finds the task; a no-op for every other id."""
         pending = {
-            wait.future
+            wait.pending()
             for task_id in task_ids
-            if (wait := self._acks.get(task_id)) is not None and not wait.future.done()
+            if (wait := self._acks.get(task_id)) is not None and not wait.done
         }
         if pending:
             await asyncio.wait(pending, timeout=self.request_timeout_s)
@@ -360,48 +399,99 @@ class BrokerClient:
         self._results.pop(task_id, None)
         self._unresolved.pop(task_id, None)
 
-    async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any]:
-        """The final record of ``task_id``, pushed by the broker when the task completes."""
+    def wait(self, task_id: str, timeout_s: float | None) -> asyncio.Future[dict[str, Any]]:
+        """A future of the final record of ``task_id``, pushed by the broker when the task
+        completes (TimeoutError after ``timeout_s``). A future rather than a coroutine: one
+        object and one frame less per waiting task."""
         self._check_open()
-        cached = self._results.get(task_id)
-        if cached is not None:
-            return cached
-        refused = self._refused.get(task_id)
-        if refused is not None:
-            raise refused
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._waiters.setdefault(task_id, []).append(future)
-        if task_id not in self._quiet:
+        cached = self._results.get(task_id)
+        if cached is not None:
+            future.set_result(cached)
+            return future
+        refused = self._refused.get(task_id)
+        if refused is not None:
+            future.set_exception(refused)
+            return future
+        own = task_id.startswith(self.client_id)
+        waiters = self._waiters.get(task_id)
+        if waiters is None:
+            self._waiters[task_id] = [future]
             due = loop.time() + QUIET_REQUERY_S
             self._quiet[task_id] = (due, QUIET_REQUERY_S)
             if due < self._next_quiet:
                 self._next_quiet = due
                 self._wakeup.set()  # the reader may be asleep until later: wake it sooner
-        own = task_id.startswith(self.client_id)
-        topic = task_id.encode()
-        if not own and self._subscriber is not None:
-            self._subscriber.subscribe(topic)
+            if not own and self._subscriber is not None:
+                self._subscriber.subscribe(task_id.encode())  # until its waiters are gone
+        else:
+            waiters.append(future)
         if not own or self._unresolved.get(task_id) != self._epoch:
             # Its result may have been published while we could not hear it: ask.
             self._refresh([task_id])
-        handle = None
         if timeout_s is not None:
-            handle = loop.call_later(timeout_s, _time_out, future, task_id, timeout_s)
-        try:
-            return await future
-        finally:
-            if handle is not None:
-                handle.cancel()
-            waiters = self._waiters.get(task_id)
-            if waiters is not None:
-                if future in waiters:
-                    waiters.remove(future)
-                if not waiters:
-                    del self._waiters[task_id]
-                    self._quiet.pop(task_id, None)
-            if not own and self._subscriber is not None and not self._closed:
-                self._subscriber.unsubscribe(topic)
+            self._add_deadline(loop, future, task_id, timeout_s)
+        return future
+
+    def _add_deadline(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[dict[str, Any]],
+        task_id: str,
+        timeout_s: float,
+    ) -> None:
+        deadlines = self._deadlines
+        if len(deadlines) >= self._deadlines_cleanup_at:
+            deadlines[:] = [entry for entry in deadlines if not entry[2].done()]
+            heapq.heapify(deadlines)
+            self._deadlines_cleanup_at = max(_MIN_DEADLINES_CLEANUP, 2 * len(deadlines))
+        at = loop.time() + timeout_s
+        heapq.heappush(deadlines, (at, next(self._deadline_ids), future, task_id, timeout_s))
+        if deadlines[0][2] is future:  # the earliest now: the timer goes off sooner
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_timer = loop.call_at(at, self._time_out)
+
+    def _time_out(self) -> None:
+        """Fail the waits whose timeout has passed, and set the timer for the next one."""
+        self._deadline_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][2].done()):
+            _, _, future, task_id, timeout_s = heapq.heappop(deadlines)
+            if not future.done():
+                future.set_exception(
+                    TimeoutError(f"task {task_id} did not finish within {timeout_s}s")
+                )
+                self._unwait(task_id, future)
+        if deadlines:
+            self._deadline_timer = loop.call_at(deadlines[0][0], self._time_out)
+
+    def _unwait(self, task_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
+        """Forget one ended (timed out, cancelled) waiter of ``task_id``."""
+        waiters = self._waiters.get(task_id)
+        if waiters is not None:
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._drop_waiters(task_id)
+
+    def _drop_waiters(self, task_id: str) -> list[asyncio.Future[dict[str, Any]]]:
+        """Stop waiting for ``task_id``: its waiters (returned), its quiet check and, for a
+        task of another client, its subscription."""
+        self._quiet.pop(task_id, None)
+        waiters = self._waiters.pop(task_id, None)
+        if waiters is None:
+            return []
+        if (
+            not task_id.startswith(self.client_id)
+            and self._subscriber is not None
+            and not self._closed
+        ):
+            self._subscriber.unsubscribe(task_id.encode())
+        return waiters
 
     # ------------------------------------------------------------------ internals
 
@@ -458,7 +548,7 @@ class BrokerClient:
 
     def _send_submit(self, batch: list[list[Any]]) -> None:
         assert self._link is not None
-        if self._link.send_body(Command.SUBMIT, batch):
+        if self._link.send_body(_SUBMIT, batch):
             return  # in-process: handed over unencoded
         frames = protocol.encode(Command.SUBMIT, batch)
         if len(frames[2]) > self.max_message_bytes and len(batch) > 1:
@@ -501,14 +591,21 @@ class BrokerClient:
         due = []
         next_quiet = _NEVER
         quiet = self._quiet
+        waiters = self._waiters
+        abandoned = []
         for task_id, (at, interval) in quiet.items():
             if at <= now + _QUIET_SLACK_S:
+                if all(future.done() for future in waiters.get(task_id, ())):
+                    abandoned.append(task_id)  # every wait was cancelled: forget the task
+                    continue
                 interval = min(interval * 2, QUIET_REQUERY_MAX_S)
                 at = now + interval
                 quiet[task_id] = (at, interval)
                 due.append(task_id)
             next_quiet = min(next_quiet, at)
         self._next_quiet = next_quiet
+        for task_id in abandoned:
+            self._drop_waiters(task_id)
         if due:
             log.debug("nothing heard for %d awaited tasks; asking the broker", len(due))
             self._requery = self._request_state(due)
@@ -545,7 +642,7 @@ class BrokerClient:
     def _on_message(self, command: Command, body: Any, *, check: bool = True) -> None:
         """One reply from the broker (decoded from the wire, or handed over in-process)."""
         try:
-            if command is Command.ACK:
+            if command is _ACK:
                 if check:
                     self._on_acks((a.task_id, a.error, a.code) for a in protocol.parse_ack(body))
                 else:  # the in-process broker's own [task_id, error(, code)] items
@@ -589,8 +686,8 @@ class BrokerClient:
                 if wait.deferred:  # nobody awaits the submit: tell the task's waiters
                     self._refuse(task_id, f"task {task_id}: {error}", code)
             wait.remaining -= 1
-            if wait.remaining == 0 and not wait.future.done():
-                wait.future.set_result(None)
+            if wait.remaining == 0 and not wait.done:
+                wait.finish()
 
     def _on_state(self, body: object) -> None:
         request_id, raw_records, more, omitted = protocol.parse_state(body)
@@ -639,14 +736,14 @@ class BrokerClient:
     ) -> None:
         """One publication (decoded from the wire, or handed over in-process)."""
         try:
-            if command is Command.RESULT:
+            if command is _RESULT:
                 if not isinstance(records, list):
                     raise ProtocolError("RESULT body must be a list of records")
                 for body in records:
                     record = protocol.parse_record(body) if check else body
                     if record["status"] in _FINAL:
                         self._deliver(record)
-                    elif record["status"] == TaskStatus.PENDING.value:
+                    elif record["status"] == _PENDING:
                         # Queued again (a dead letter retried): forget the old result.
                         self._forget(record["task_id"])
                     if self._watchers:
@@ -713,9 +810,8 @@ class BrokerClient:
         results[task_id] = record
         if len(results) > RESULT_CACHE_SIZE:
             results.popitem(last=False)
-        waiters = self._waiters.get(task_id)
-        if waiters:
-            for future in waiters:
+        if task_id in self._waiters:
+            for future in self._drop_waiters(task_id):
                 if not future.done():
                     future.set_result(record)
 
@@ -723,11 +819,6 @@ class BrokerClient:
 def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()  # retrieved: a refresh that failed needs no report
-
-
-def _time_out(future: asyncio.Future[Any], task_id: str, timeout_s: float) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError(f"task {task_id} did not finish within {timeout_s}s"))
 
 
 def _unavailable(future: asyncio.Future[Any], what: str, client: BrokerClient) -> None:
