@@ -36,13 +36,17 @@ from tests.conftest import (
 from tests.dashboard import dashapp
 from tests.dashboard.browser import Chromium, chromium_path
 
+# Polls every 0.5 s (the default is 1 s), as in test_mount.py: the tests wait for polls.
 SERVE = (
     "import asyncio, sys\n"
     "from flowrra.dashboard import serve\n"
     "from flowrra.security import client_keys\n"
     "keys = client_keys(*sys.argv[3:5]) if len(sys.argv) > 3 else None\n"
     "asyncio.run(\n"
-    "    serve(sys.argv[1], '127.0.0.1', 0, request_timeout_s=float(sys.argv[2]), keys=keys)\n"
+    "    serve(\n"
+    "        sys.argv[1], '127.0.0.1', 0, poll_interval_s=0.5,\n"
+    "        request_timeout_s=float(sys.argv[2]), keys=keys,\n"
+    "    )\n"
     ")\n"
 )
 NODE_ID = "dash-node-1"
