@@ -6,7 +6,8 @@ this module only adds the suite's defaults and pytest glue:
 * :func:`free_port` / ``free_port`` fixture: a loopback port nobody listens on.
 * ``launcher`` (per test) and ``module_launcher`` (per module): :class:`Launcher` starts
   brokers (:meth:`Launcher.broker` waits for ``broker listening on``) and nodes
-  (:meth:`Launcher.node` waits for ``registered with broker``) with 200 ms heartbeats;
+  (:meth:`Launcher.node` waits for ``registered with broker``; :meth:`Launcher.nodes` starts
+  several at once) with 200 ms heartbeats;
   ``start_broker``, ``start_node`` and ``broker`` are shortcuts to the per-test one.
 * :func:`remote_twin`: a client app pointed at a broker, with the same task registrations as a
   test app module (whose own ``app`` is the embedded default the nodes import);
@@ -136,6 +137,21 @@ class Launcher(processes.Launcher):
         ``extra_path`` goes on PYTHONPATH before the repository root (``repo_on_path``)."""
         path = [*extra_path, *([ROOT] if repo_on_path else [])]
         return super().node(broker, app, python_path=path, **options)
+
+    def nodes(
+        self,
+        broker: BrokerProcess | str,
+        app: str = "tests.apps.fleet:app",
+        *,
+        count: int,
+        **options: Any,
+    ) -> list[NodeProcess]:
+        """``count`` nodes like :meth:`node`'s, started at once (their start-ups, mostly
+        imports, overlap) and each awaited until registered."""
+        started = [self.node(broker, app, wait=False, **options) for _ in range(count)]
+        for node in started:
+            node.process.wait_for(processes.NODE_READY, processes.START_TIMEOUT_S)
+        return started
 
     def close(self) -> list[str]:
         problems = super().close()

@@ -53,8 +53,7 @@ def dirs(tmp_path: Path) -> Dirs:
 def fleet(launcher: Launcher) -> BrokerProcess:
     """A durable broker and two nodes serving the workflow app."""
     broker = launcher.broker(durability="full")
-    launcher.node(broker, APP)
-    launcher.node(broker, APP)
+    launcher.nodes(broker, APP, count=2)
     return broker
 
 

@@ -85,7 +85,7 @@ async def test_a_frozen_node_loses_its_task_and_its_late_result_is_ignored(
     launcher: Launcher, tmp_path: Path
 ) -> None:
     broker = launcher.broker()
-    nodes = [launcher.node(broker, APP), launcher.node(broker, APP)]
+    nodes = launcher.nodes(broker, APP, count=2)
     release = tmp_path / "release"
     async with remote_twin(failures.app, broker) as client:
         task_id = await client.submit(failures.hold, str(tmp_path), str(release), "cut")

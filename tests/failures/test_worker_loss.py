@@ -19,7 +19,7 @@ async def test_a_task_on_a_killed_node_runs_on_another_node(
     launcher: Launcher, tmp_path: Path
 ) -> None:
     broker = launcher.broker()
-    nodes = [launcher.node(broker, APP), launcher.node(broker, APP)]
+    nodes = launcher.nodes(broker, APP, count=2)
     release = tmp_path / "release"
     async with remote_twin(failures.app, broker) as client:
         task_id = await client.submit(failures.hold, str(tmp_path), str(release))

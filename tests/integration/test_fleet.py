@@ -33,8 +33,7 @@ def pid_of(marker: Path) -> int:
 
 async def test_two_nodes_share_the_work(launcher: Launcher) -> None:
     broker = launcher.broker()
-    node_a = launcher.node(broker, "tests.apps.fleet:app", concurrency=2, processes=1)
-    node_b = launcher.node(broker, "tests.apps.fleet:app", concurrency=2, processes=1)
+    node_a, node_b = launcher.nodes(broker, count=2, concurrency=2, processes=1)
     app = remote_twin(fleet.app, broker)
     async with app:
         # One batch: the broker hands out one task per node per round, so each node gets

@@ -69,7 +69,7 @@ async def test_a_rate_limit_reaches_90_percent_of_the_rate_across_two_nodes(
     launcher: Launcher, tmp_path: Path
 ) -> None:
     broker = launcher.broker()
-    nodes = [launcher.node(broker, APP), launcher.node(broker, APP)]
+    nodes = launcher.nodes(broker, APP, count=2)
     client = remote_twin(wf.app, broker)
     async with client:
         starts = await run_rated(client, tmp_path / "runs")
@@ -90,8 +90,7 @@ async def test_a_rate_limit_is_strict_on_the_real_start_times(
     launcher: Launcher, tmp_path: Path
 ) -> None:
     broker = launcher.broker()
-    launcher.node(broker, APP)
-    launcher.node(broker, APP)
+    launcher.nodes(broker, APP, count=2)
     client = remote_twin(wf.app, broker)
     starts: list[float] = []
     async with client:
@@ -108,7 +107,7 @@ async def test_a_rate_limit_is_strict_on_the_real_start_times(
 
 async def test_a_concurrency_cap_holds_across_two_nodes(launcher: Launcher, tmp_path: Path) -> None:
     broker = launcher.broker()
-    nodes = [launcher.node(broker, APP), launcher.node(broker, APP)]
+    nodes = launcher.nodes(broker, APP, count=2)
     client = remote_twin(wf.app, broker)
     async with client:
         ids = await client.submit_many(
