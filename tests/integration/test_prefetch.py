@@ -13,19 +13,26 @@ import pytest
 
 from flowrra import Flowrra, TaskStatus
 from tests.apps import prefetch
-from tests.conftest import Launcher, embedded_twin, remote_twin, wait_for_path
+from tests.conftest import BrokerProcess, Launcher, embedded_twin, remote_twin, wait_for_path
 
 APP = "tests.apps.prefetch:app"
 
 
+@pytest.fixture(scope="module")
+def prefetch_broker(module_launcher: Launcher) -> BrokerProcess:
+    """A broker and a node with one worker process, shared by the remote runs: each test
+    ends with every task of its own finished (the worker free, the node's credit whole)."""
+    broker = module_launcher.broker()
+    module_launcher.node(broker, APP, processes=1)
+    return broker
+
+
 @pytest.fixture(params=["embedded", "remote"])
-async def app(request: pytest.FixtureRequest, launcher: Launcher) -> AsyncIterator[Flowrra]:
+async def app(request: pytest.FixtureRequest) -> AsyncIterator[Flowrra]:
     if request.param == "embedded":
         twin = embedded_twin(prefetch.app, processes=1)
     else:
-        broker = launcher.broker()
-        launcher.node(broker, APP, processes=1)
-        twin = remote_twin(prefetch.app, broker)
+        twin = remote_twin(prefetch.app, request.getfixturevalue("prefetch_broker"))
     async with twin:
         yield twin
 
