@@ -510,9 +510,17 @@ def _next_event(monitor: zmq.Socket[bytes], timeout_ms: int = 5000) -> int:
 # --------------------------------------------------------------------------- versions
 
 
+@pytest.fixture(scope="module")
+def version_broker(module_launcher: Launcher) -> BrokerProcess:
+    """One broker for the version tests; each test talks to it from a socket of its own."""
+    return module_launcher.broker()
+
+
 @pytest.fixture
-def version_peer(launcher: Launcher) -> Iterator[tuple[BrokerProcess, zmq.Socket[bytes]]]:
-    broker = launcher.broker()
+def version_peer(
+    version_broker: BrokerProcess,
+) -> Iterator[tuple[BrokerProcess, zmq.Socket[bytes]]]:
+    broker = version_broker
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     socket = raw_dealer(context, broker.url)
     yield broker, socket
