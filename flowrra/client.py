@@ -15,6 +15,7 @@ import heapq
 import itertools
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -41,6 +42,11 @@ RESEND_INTERVAL_S = 1.0
 # publication may have been dropped on the way (the broker bounds what it holds for a
 # subscriber that does not read, and results are stored). One GET covers every such waiter;
 # a task still running is asked about again after twice the interval, up to the maximum.
+# It asks only when a publication may really have been lost: when a task awaited after it
+# has its result already, or when no result at all has arrived for the interval. While
+# results keep arriving in the order they were awaited, a quiet task is most likely still
+# queued behind them, and asking about each of thousands of queued tasks would cost the
+# broker a record read apiece, just when it is busiest.
 QUIET_REQUERY_S = 1.0
 QUIET_REQUERY_MAX_S = 16.0
 # Waiters due this soon are asked about too: one query (and one look at every waiter) for
@@ -150,7 +156,11 @@ class BrokerClient:
         # Awaited task ids: when to ask the broker about each if nothing arrives, and the
         # interval after that (QUIET_REQUERY_S), the earliest of those times, and the query
         # asking, while unanswered.
-        self._quiet: dict[str, tuple[float, float]] = {}
+        # task id -> (when it is due for a quiet check, the interval, its wait order)
+        self._quiet: dict[str, tuple[float, float, int]] = {}
+        self._wait_order = 0  # given to each awaited task, in the order waits began
+        self._delivered_order = -1  # the latest wait order whose result has arrived
+        self._last_delivered = -_NEVER  # time.monotonic() when a result last arrived
         self._next_quiet = _NEVER
         self._requery: asyncio.Future[Any] | None = None
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -419,7 +429,8 @@ class BrokerClient:
         if waiters is None:
             self._waiters[task_id] = [future]
             due = loop.time() + QUIET_REQUERY_S
-            self._quiet[task_id] = (due, QUIET_REQUERY_S)
+            self._wait_order += 1
+            self._quiet[task_id] = (due, QUIET_REQUERY_S, self._wait_order)
             if due < self._next_quiet:
                 self._next_quiet = due
                 self._wakeup.set()  # the reader may be asleep until later: wake it sooner
@@ -593,15 +604,20 @@ class BrokerClient:
         quiet = self._quiet
         waiters = self._waiters
         abandoned = []
-        for task_id, (at, interval) in quiet.items():
+        silent = time.monotonic() - self._last_delivered >= QUIET_REQUERY_S
+        overtaken = self._delivered_order
+        for task_id, (at, interval, order) in quiet.items():
             if at <= now + _QUIET_SLACK_S:
                 if all(future.done() for future in waiters.get(task_id, ())):
                     abandoned.append(task_id)  # every wait was cancelled: forget the task
                     continue
-                interval = min(interval * 2, QUIET_REQUERY_MAX_S)
-                at = now + interval
-                quiet[task_id] = (at, interval)
-                due.append(task_id)
+                if silent or order < overtaken:
+                    interval = min(interval * 2, QUIET_REQUERY_MAX_S)
+                    at = now + interval
+                    due.append(task_id)
+                else:  # results still arrive in order: it waits behind them
+                    at = now + interval
+                quiet[task_id] = (at, interval, order)
             next_quiet = min(next_quiet, at)
         self._next_quiet = next_quiet
         for task_id in abandoned:
@@ -811,6 +827,11 @@ class BrokerClient:
         if len(results) > RESULT_CACHE_SIZE:
             results.popitem(last=False)
         if task_id in self._waiters:
+            quiet = self._quiet.get(task_id)
+            if quiet is not None:
+                self._last_delivered = time.monotonic()
+                if quiet[2] > self._delivered_order:
+                    self._delivered_order = quiet[2]
             for future in self._drop_waiters(task_id):
                 if not future.done():
                     future.set_result(record)
