@@ -773,10 +773,12 @@ class Broker:
             elif previous is not None and lease.node == previous.peer:
                 # It moves over from this node's previous connection. Another node's lease
                 # is never taken over: only its holder may complete an attempt.
-                lease.node = peer
+                self._move_lease(lease, previous, node)
                 self._occupy(node, lease, now)
         # Sent after its READY, so behind what it listed: those it ran take the slots first.
         for lease in sorted(in_transit, key=lambda lease: lease.waiting):
+            if previous is not None:
+                self._move_lease(lease, previous, node)
             self._occupy(node, lease, now)
         self.outbox.send(peer, Command.WELCOME, self.welcome)
         if superseded:
@@ -794,6 +796,17 @@ class Broker:
             ready.cpu_slots,
             len(ready.tasks),
         )
+
+    def _move_lease(self, lease: Lease, previous: NodeState, node: NodeState) -> None:
+        """A lease of a node's previous registration goes to its new one. Under a new node
+        id the stored holder follows (after a restart, recovery gives a lease back to the
+        node id it names)."""
+        lease.node = node.peer
+        if previous.node_id != node.node_id:
+            record = self._leased_record(lease)
+            if record is not None:
+                record.node_id = node.node_id
+                self.repo.lease(record)
 
     def _adopt_lost_dispatch(self, task_id: str, attempt: int, node: NodeState, now: float) -> bool:
         """A node holds the next attempt of a task that is queued: the broker dispatched it

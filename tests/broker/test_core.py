@@ -1342,3 +1342,21 @@ def test_when_every_node_is_back_dispatch_starts_after_one_heartbeat_interval(
     h2.advance(INTERVAL_MS / 1000 + STEP, heartbeats=(NODE_A, NODE_B))
     assert ids([d for ds in h2.dispatched().values() for d in ds]) == ["t1"]
     h2.broker.store.close()
+
+
+def test_a_lease_that_moves_to_a_new_node_id_is_stored_under_it(tmp_path: Path) -> None:
+    """Found by the near-valid fuzz test: a node re-registering on its connection under a
+    new node id keeps its attempt, and the stored holder follows, so that after a restart
+    recovery gives the attempt back to the node id that now holds it."""
+    h = Harness(LmdbStore(tmp_path / "store"))
+    h.broker.recover(h.now)
+    h.ready(NODE_A)
+    h.submit(submission("t1"))
+    h.tick()
+    assert ids(h.dispatched()[NODE_A]) == ["t1"]
+    h.ready(NODE_A, node_id="renamed", running=[("t1", 1)])
+    h.tick()
+    h.broker.store.commit()
+    assert [(t, a, n) for t, a, n in h.broker.repo.leases()] == [("t1", 1, "renamed")]
+    check_broker(h.broker, h.now)
+    h.broker.store.close()
