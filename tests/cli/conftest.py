@@ -249,12 +249,21 @@ class CliProcess:
             self._read(min(remaining, 0.05))
         return self.text
 
-    def interrupt(self, within: float = CTRL_C_EXIT_S) -> int:
+    def interrupt(self, within: float = CTRL_C_EXIT_S, *, swallowed_again: bool = False) -> int:
         """Send SIGINT and wait (reading on) for the process to end within ``within`` s;
-        its exit code."""
+        its exit code.
+
+        ``swallowed_again``: if CPython itself dropped the KeyboardInterrupt (raised inside
+        a callback during an import, it is printed as "Exception ignored" and the program
+        goes on, as for any Python program), send a second SIGINT, as a user would press
+        Ctrl-C again, and wait for that one as for the first."""
         self.proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
         while self.proc.poll() is None:
+            if swallowed_again and _swallowed(self.stderr):
+                swallowed_again = False
+                self.proc.send_signal(signal.SIGINT)
+                sent = time.monotonic()
             took = time.monotonic() - sent
             if took > within:
                 self.proc.kill()
@@ -272,3 +281,9 @@ class CliProcess:
             self.proc.wait()
         os.close(self.fd)
         self._stderr.close()
+
+
+def _swallowed(stderr: str) -> bool:
+    """CPython printed a KeyboardInterrupt it could not raise ("Exception ignored in: ...")."""
+    ignored = stderr.find("Exception ignored in")
+    return ignored >= 0 and "KeyboardInterrupt" in stderr[ignored:]

@@ -135,10 +135,13 @@ def test_status_watch_ends_on_ctrl_c_right_after_start(fleet: Fleet, delay: floa
     traceback and death by SIGINT), while click parses ("Aborted!": 1). Whatever the moment,
     the process ends at once; once the command runs, it ends cleanly. (With SIGINT inherited
     ignored, one sent before the command installs its handler is discarded by the kernel.)
+    One landing in an import's module-lock callback is dropped by CPython itself ("Exception
+    ignored in: <function _get_module_lock.<locals>.cb>", seen once in CI): then, as for any
+    Python program, it takes a second Ctrl-C, which must end it as promptly.
     """
     with CliProcess(fleet.url, "status", "--watch", "--interval", "0.1") as watch:
         time.sleep(delay)
-        code = watch.interrupt()
+        code = watch.interrupt(swallowed_again=True)
         assert code in (ExitCode.OK, ExitCode.FAILURE, -signal.SIGINT), watch.stderr
         if code == ExitCode.OK:
             assert watch.stderr == ""
