@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import zmq
@@ -17,7 +17,7 @@ from flowrra.broker.repository import TaskRepository
 from flowrra.broker.store import MemoryStore, Table
 from flowrra.transport import Wakeup
 from tests.broker.harness import submission
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 
 @pytest.fixture
@@ -25,14 +25,6 @@ def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
-
-
-async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 async def test_the_endpoint_says_when_something_waits(
@@ -48,7 +40,7 @@ async def test_the_endpoint_says_when_something_waits(
         assert endpoint.drain(10) == ([], [])
         for body in (b"one", b"two", b"three"):
             dealer.send(body)
-        await _until(endpoint.has_input)
+        await wait_until(endpoint.has_input)
         got: list[bytes] = []
         deadline = time.monotonic() + 5
         while len(got) < 3 and time.monotonic() < deadline:

@@ -6,8 +6,7 @@ outcomes and commits them too (one commit per quick task), publishing nothing ea
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import zmq
 import flowrra.broker.server as server
 from flowrra import Flowrra
 from flowrra.transport import Wakeup, WatchedSocket, recv_frames
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -30,14 +30,6 @@ def pair() -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
     a.close(linger=0)
     b.close(linger=0)
     ctx.destroy(linger=0)
-
-
-async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 async def test_a_drain_receives_only_what_waits(
@@ -57,12 +49,12 @@ async def test_a_drain_receives_only_what_waits(
         assert watched.drain_with(10, counting) == [] and receives == 0
         for body in (b"one", b"two", b"three"):
             b.send_multipart([b"h", body])
-        await _until(watched.has_input)  # the descriptor's callback saw them
+        await wait_until(watched.has_input)  # the descriptor's callback saw them
         got: list[list[bytes]] = []
         while len(got) < 3:
             got.extend(watched.drain_with(10, counting))
             if len(got) < 3:
-                await _until(watched.has_input)
+                await wait_until(watched.has_input)
         assert [frames[1] for frames in got] == [b"one", b"two", b"three"]
         assert receives == 3  # one receive per message, none that failed
         assert not watched.has_input()

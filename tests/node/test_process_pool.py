@@ -19,6 +19,7 @@ import pytest_asyncio
 from flowrra.errors import RemoteTaskError, TaskTimeoutError, WorkerLostError
 from flowrra.node.process_pool import FunctionRef, ProcessPool, _resolve
 from flowrra.protocol import pack_args, unpack_value
+from tests.conftest import wait_until
 
 FUNCS = "tests.node.pool_funcs"
 
@@ -59,15 +60,6 @@ async def call(
 ) -> Any:
     raw = await pool.run(FunctionRef(FUNCS, name), pack_args(args, kwargs), timeout)
     return unpack_value(raw)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a condition the pool reaches asynchronously (e.g. a replacement process)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def pid_exists(pid: int) -> bool:
