@@ -1294,15 +1294,21 @@ def _dispatched_then_killed(path: Path) -> bytes:
     return holder
 
 
-def test_after_a_restart_dispatch_waits_for_the_nodes_registered_before_it(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "store"
+def _restarted_with_the_other_node(path: Path) -> tuple[Harness, bytes, bytes]:
+    """After :func:`_dispatched_then_killed`: a restarted broker that the node without t1
+    has rejoined; returns it, t1's holder and the other node."""
     holder = _dispatched_then_killed(path)
     other = NODE_B if holder == NODE_A else NODE_A
     h2 = Harness(LmdbStore(path))
     h2.broker.recover(h2.now)
     h2.ready(other)
+    return h2, holder, other
+
+
+def test_after_a_restart_dispatch_waits_for_the_nodes_registered_before_it(
+    tmp_path: Path,
+) -> None:
+    h2, holder, other = _restarted_with_the_other_node(tmp_path / "store")
     h2.advance(2 * INTERVAL_MS / 1000, heartbeats=(other,))  # past one heartbeat interval
     assert h2.dispatched() == {}  # the holder is not back yet: nothing leaves
     h2.ready(holder, running=[("t1", 1)])
@@ -1315,12 +1321,7 @@ def test_after_a_restart_dispatch_waits_for_the_nodes_registered_before_it(
 def test_a_node_that_never_comes_back_holds_dispatch_for_one_liveness_window_only(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "store"
-    holder = _dispatched_then_killed(path)
-    other = NODE_B if holder == NODE_A else NODE_A
-    h2 = Harness(LmdbStore(path))
-    h2.broker.recover(h2.now)
-    h2.ready(other)
+    h2, _, other = _restarted_with_the_other_node(tmp_path / "store")
     h2.advance(EXPIRY_S - STEP, heartbeats=(other,))
     assert h2.dispatched() == {}
     h2.advance(2 * STEP, heartbeats=(other,))
