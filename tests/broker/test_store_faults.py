@@ -321,13 +321,19 @@ async def echo(value: str) -> str:
 
 
 def _embedded(
-    monkeypatch: pytest.MonkeyPatch, store: Store, data_dir: Path, durability: Durability
+    monkeypatch: pytest.MonkeyPatch,
+    store: Store,
+    data_dir: Path,
+    durability: Durability,
+    *,
+    confirm_submits: bool = True,
 ) -> Flowrra:
     """An embedded app (broker, node and client in this process) over ``store``, whose
-    submits wait for the broker's confirmation (a refusal is raised by ``submit()``)."""
+    submits wait for the broker's confirmation (a refusal is raised by ``submit()``), or
+    with ``confirm_submits=False`` do not (a refusal reaches the task's waiters)."""
     monkeypatch.setattr(flowrra.broker.server, "open_store", lambda config: store)
     twin = Flowrra.from_urls(
-        data_dir=str(data_dir), durability=durability.value, confirm_submits=True
+        data_dir=str(data_dir), durability=durability.value, confirm_submits=confirm_submits
     )
     twin.task(max_retries=0)(echo)
     return twin

@@ -58,8 +58,7 @@ async def test_a_refusal_reaches_the_tasks_waiters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = FaultyLmdbStore(tmp_path / "db", Durability.FAST)
-    twin = _embedded(monkeypatch, store, tmp_path / "db", Durability.FAST)
-    twin.confirm_submits = False
+    twin = _embedded(monkeypatch, store, tmp_path / "db", Durability.FAST, confirm_submits=False)
     async with twin:
         store.fault = EIO
         refused = await twin.submit(echo, "lost")  # returns before the commit fails

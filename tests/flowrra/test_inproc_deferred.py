@@ -16,8 +16,7 @@ async def test_a_batch_of_deferred_submits_shares_one_confirmation_and_each_refu
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = FaultyLmdbStore(tmp_path / "db", Durability.FAST)
-    twin = _embedded(monkeypatch, store, tmp_path / "db", Durability.FAST)
-    twin.confirm_submits = False
+    twin = _embedded(monkeypatch, store, tmp_path / "db", Durability.FAST, confirm_submits=False)
     async with twin:
         client = twin._connected()
         store.fault = EIO
