@@ -179,13 +179,24 @@ class WatchedSocket:
         # The last EVENTS check said a message waits, and nothing was received since: the
         # next drain need not ask again.
         self._ready = False
+        # The last EVENTS check said nothing waits, and no call on the socket came since:
+        # until the FD's callback says otherwise nothing has arrived, so a drain need not
+        # ask. (The FD stays readable until a call on the socket processes libzmq's
+        # commands, so an arrival the drain skips still wakes the callback.)
+        self._empty = False
         self._unchecked = False  # a send came after the last check (see sent)
 
     def check(self) -> None:
         """Wake the loop if a message waits (the FD's callback; also after a send)."""
-        if not self._closed and readable(self.socket):
+        if self._closed:
+            return
+        self._unchecked = False
+        if readable(self.socket):
             self._ready = True
+            self._empty = False
             self.wakeup.set()
+        else:
+            self._empty = not self._ready
 
     def sent(self) -> None:
         """A send happened and was not followed by :meth:`check`: the next
@@ -200,6 +211,7 @@ class WatchedSocket:
             self._unchecked = False
             if not self._ready and not self._closed:
                 self._ready = readable(self.socket)
+                self._empty = not self._ready
         return self._ready
 
     def drain(self, limit: int) -> list[Frames]:
@@ -211,14 +223,17 @@ class WatchedSocket:
     def drain_with(self, limit: int, receive: Callable[[zmq.Socket[bytes], int], T]) -> list[T]:
         """Like :meth:`drain`, each message read by ``receive(socket, NOBLOCK)``."""
         out: list[T] = []
+        if self._empty and not self._unchecked:
+            return out  # known empty: no EVENTS check (a poll of libzmq's mailbox) needed
         socket = self.socket
         ready, self._ready, self._unchecked = self._ready, False, False
         try:
             while len(out) < limit and (ready or readable(socket)):
                 ready = False
                 out.append(receive(socket, NOBLOCK))
+            self._empty = len(out) < limit  # the loop ended on EVENTS saying none is left
         except zmq.Again:
-            pass  # EVENTS said a message waits, so this is not expected; harmless anyway
+            self._empty = False  # EVENTS said a message waits, so this is not expected
         if len(out) >= limit:
             self.wakeup.set()
         return out

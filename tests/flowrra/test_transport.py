@@ -1,0 +1,80 @@
+"""WatchedSocket: a drain that knows its socket is empty asks ZeroMQ nothing, and still
+never misses an arrival (the FD's callback, or a send, makes it ask again)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import zmq
+
+from flowrra import transport
+from flowrra.transport import Wakeup, WatchedSocket, recv_frames, send_frames
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[WatchedSocket, zmq.Socket[bytes]]]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    watched = WatchedSocket(dealer, Wakeup())
+    try:
+        yield watched, router
+    finally:
+        watched.close()
+        router.close()
+        context.term()
+
+
+async def _next(watched: WatchedSocket) -> list[list[bytes]]:
+    """Wait for the wakeup, then drain (what a reader loop does)."""
+    for _ in range(50):
+        await watched.wakeup.wait(0.1)
+        got = watched.drain(100)
+        if got:
+            return got
+    raise AssertionError("no message arrived")
+
+
+async def test_known_empty_drain_skips_the_events_check_and_misses_nothing(
+    pair: tuple[WatchedSocket, zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watched, router = pair
+    send_frames(watched.socket, [b"hello"])
+    watched.sent()
+    peer = await asyncio.to_thread(recv_frames, router)  # blocking receive, off the loop
+    assert peer[1:] == [b"hello"]
+
+    checks = 0
+    readable = transport.readable
+
+    def counting(socket: zmq.Socket[bytes]) -> bool:
+        nonlocal checks
+        checks += 1
+        return readable(socket)
+
+    monkeypatch.setattr(transport, "readable", counting)
+    assert watched.drain(100) == []  # a send came since the last check: it asks
+    assert checks == 1
+    assert watched.drain(100) == []  # known empty now: it does not ask again
+    assert watched.drain(100) == []
+    assert checks == 1
+
+    # An arrival after the drain said "empty" still wakes the FD's callback.
+    send_frames(router, [peer[0], b"reply-1"])
+    assert await _next(watched) == [[b"reply-1"]]
+
+    # A send on the watched socket may consume the FD's edge: the next drain asks again.
+    send_frames(router, [peer[0], b"reply-2"])
+    for _ in range(200):
+        if watched.socket.poll(10, zmq.POLLIN):
+            break
+    before = checks
+    watched.sent()
+    assert watched.drain(100) == [[b"reply-2"]]
+    assert checks > before
