@@ -38,7 +38,8 @@ class NameStats:
     submitted: int = 0
     started: int = 0
     retried: int = 0
-    finished: dict[TaskStatus, int] = field(default_factory=dict)
+    # By status value (a TaskStatus, a StrEnum, finds its entry too).
+    finished: dict[str, int] = field(default_factory=dict)
     runs: deque[float] = field(default_factory=lambda: deque(maxlen=RUN_WINDOW))
 
     def figures(self) -> dict[str, object]:
@@ -71,12 +72,18 @@ def percentile(ordered: list[float], pct: float) -> float | None:
     return ordered[rank - 1]
 
 
-# One task event: (task id, name, the status it gave the task, run time in seconds of a
-# finished attempt or None). PENDING is a submit, RUNNING a start, RETRYING a retry.
-Event = tuple[str, str, TaskStatus, float | None]
+# One task event: (task id, name, the value of the status it gave the task, run time in
+# seconds of a finished attempt or None). PENDING is a submit, RUNNING a start, RETRYING a
+# retry. The status is kept as its str value, not the enum member: a tuple of str, float
+# and None is untracked by the garbage collector at its first collection, one holding an
+# enum member never is, and the log keeps tens of thousands of events (each full
+# collection would walk them all).
+Event = tuple[str, str, str, float | None]
 # Events are counted per name in blocks of this many, at C speed.
 BLOCK = 1024
-_PENDING, _RUNNING, _RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
+_PENDING = TaskStatus.PENDING._value_
+_RUNNING = TaskStatus.RUNNING._value_
+_RETRYING = TaskStatus.RETRYING._value_
 
 
 class TaskStats:
@@ -100,7 +107,7 @@ class TaskStats:
         self._scanned: dict[str, Event] = {}
         # Statuses fixed from records: task id -> (status, None for a record gone; the event
         # it corrects). Once the task has a newer event the fix no longer applies.
-        self._fixed: dict[str, tuple[TaskStatus | None, Event]] = {}
+        self._fixed: dict[str, tuple[str | None, Event]] = {}
 
     def _for(self, name: str) -> NameStats:
         stats = self._names.get(name)
@@ -118,11 +125,11 @@ class TaskStats:
         for (name, status), count in counts.items():
             names.add(name)
             stats = self._for(name)
-            if status is _PENDING:
+            if status == _PENDING:
                 stats.submitted += count
-            elif status is _RUNNING:
+            elif status == _RUNNING:
                 stats.started += count
-            elif status is _RETRYING:
+            elif status == _RETRYING:
                 stats.retried += count
             else:
                 stats.finished[status] = stats.finished.get(status, 0) + count
@@ -160,7 +167,7 @@ class TaskStats:
 
     def finished(self, name: str, status: TaskStatus, run_s: float | None, task_id: str) -> None:
         events = self._events
-        events.append((task_id, name, status, run_s))
+        events.append((task_id, name, status._value_, run_s))
         if len(events) >= BLOCK:
             self._count()
 
@@ -189,7 +196,7 @@ class TaskStats:
             if len(scanned) >= self._recent_limit:
                 return
             scanned[task_id] = event
-            status: TaskStatus | None = event[2]
+            status: str | None = event[2]
             fix = fixed.get(task_id)
             if fix is not None and fix[1] is event:
                 status = fix[0]
@@ -208,7 +215,7 @@ class TaskStats:
         if event is None:
             return
         fixed = self._fixed
-        fixed[task_id] = (status, event)
+        fixed[task_id] = (None if status is None else status._value_, event)
         if len(fixed) > 2 * self._recent_limit:
             # A fix of a task the last scan did not reach has fallen out of the log.
             self._fixed = {t: fix for t, fix in fixed.items() if t in self._scanned}

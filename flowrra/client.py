@@ -117,8 +117,13 @@ class BrokerClient:
         *,
         connect_timeout_s: float = 10.0,
         request_timeout_s: float = 30.0,
+        late_acks: bool = False,
     ) -> None:
         self._connector = connector
+        # Ask the broker to send an ACK together with the results of the tasks it
+        # acknowledges when they finish quickly (protocol.md §4.4): for a client whose
+        # submits do not wait for their ACKs, one wake-up per quick task instead of two.
+        self.late_acks = late_acks
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
         self.client_id = os.urandom(protocol.CLIENT_PREFIX_CHARS // 2).hex()
@@ -138,7 +143,11 @@ class BrokerClient:
         self._acks: dict[str, _AckWait] = {}
         self._gets: dict[int, _StateWait] = {}
         # What was sent but not answered yet, with when it was (last) sent, for resending.
-        self._unacked: dict[str, tuple[list[Any], float]] = {}
+        # A submission is kept as a plain tuple of its wire fields (what Submission.to_wire
+        # lists): a tuple of str, numbers, bytes and None is untracked by the garbage
+        # collector at its first collection, a list (or a NamedTuple) never is, and a burst
+        # of submits keeps thousands of them until their acknowledgements.
+        self._unacked: dict[str, tuple[tuple[Any, ...], float]] = {}
         self._unanswered: dict[int, tuple[list[bytes], float]] = {}
         self._admin: dict[int, asyncio.Future[Any]] = {}
         # Futures of wait(), by task id: dropped when the record arrives, at the timeout (one
@@ -165,7 +174,7 @@ class BrokerClient:
         self._requery: asyncio.Future[Any] | None = None
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._unresolved: dict[str, int] = {}
-        self._outgoing: list[list[Any]] = []
+        self._outgoing: list[tuple[Any, ...]] = []
         self._flush_scheduled = False
         # The acknowledgements awaited for the deferred submits batched for the next flush.
         self._batch_wait: _AckWait | None = None
@@ -183,7 +192,10 @@ class BrokerClient:
         self._in_process = self._link.push_bodies_to(self._on_body)
         self._welcome = loop.create_future()
         self._reader = loop.create_task(self._read_loop(), name="flowrra-client-reader")
-        self._link.send(protocol.encode(Command.HELLO, {"role": "client", "id": self.client_id}))
+        hello: dict[str, Any] = {"role": "client", "id": self.client_id}
+        if self.late_acks:
+            hello["late_acks"] = True
+        self._link.send(protocol.encode(Command.HELLO, hello))
         try:
             self.welcome = await asyncio.wait_for(self._welcome, self.connect_timeout_s)
             self._subscriber = self._connector.subscriber(
@@ -293,7 +305,8 @@ class BrokerClient:
         now = loop.time()
         wires = []
         for sub in submissions:
-            wire = sub.to_wire()
+            # (Slicing a NamedTuple gives a plain tuple; the 8-field item without times.)
+            wire = sub[:8] if sub.eta is None and sub.deadline is None else sub[:]
             self._acks[sub.task_id] = wait
             self._unacked[sub.task_id] = (wire, now)
             self._unresolved[sub.task_id] = epoch
@@ -551,13 +564,13 @@ class BrokerClient:
         outgoing, self._outgoing = self._outgoing, []
         self._send_batches(outgoing)
 
-    def _send_batches(self, wires: list[list[Any]]) -> None:
+    def _send_batches(self, wires: list[tuple[Any, ...]]) -> None:
         if self._link is None or self._closed:
             return
         for start in range(0, len(wires), SUBMIT_BATCH):
             self._send_submit(wires[start : start + SUBMIT_BATCH])
 
-    def _send_submit(self, batch: list[list[Any]]) -> None:
+    def _send_submit(self, batch: list[tuple[Any, ...]]) -> None:
         assert self._link is not None
         if self._link.send_body(_SUBMIT, batch):
             return  # in-process: handed over unencoded

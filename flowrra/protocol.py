@@ -414,6 +414,10 @@ class VersionMismatch(ProtocolError):
 # validates types and raises ProtocolError, so garbage never gets past the decoder.
 
 
+# A msgpack array as a body holds it: a list off the wire, or a tuple handed over in-process.
+_ARRAYS: Final = (list, tuple)
+
+
 def _expect(condition: bool, what: str) -> None:
     if not condition:
         raise ProtocolError(what)
@@ -488,8 +492,11 @@ def split_submit(body: object) -> tuple[list[Submission], list[tuple[str, str]]]
         f"SUBMIT carries more than {MAX_ITEMS_PER_MESSAGE} items",
     )
     for item in items:
+        # (A tuple only from an in-process client, which keeps its submissions as tuples:
+        # msgpack decodes arrays as lists.)
         _expect(
-            isinstance(item, list) and len(item) in (8, 10), "SUBMIT item must have 8 or 10 fields"
+            isinstance(item, list | tuple) and len(item) in (8, 10),
+            "SUBMIT item must have 8 or 10 fields",
         )
         _expect(isinstance(item[0], str), "SUBMIT item must start with a task id")
         try:
@@ -499,7 +506,7 @@ def split_submit(body: object) -> tuple[list[Submission], list[tuple[str, str]]]
     return valid, rejected
 
 
-def _submission(item: list[Any]) -> Submission:
+def _submission(item: Sequence[Any]) -> Submission:
     task_id, name, priority, payload, max_retries, retry_delay, timeout, submitted_at = item[:8]
     eta = deadline = None
     if len(item) == 10:
@@ -691,7 +698,8 @@ class Outcome(NamedTuple):
 def parse_results(body: object) -> list[Outcome]:
     out: list[Outcome] = []
     for item in _list_body(body, "RESULTS"):
-        _expect(type(item) is list and len(item) == 6, "RESULTS item must have 6 fields")
+        # (A tuple only from an in-process node, which keeps its outcomes as tuples.)
+        _expect(type(item) in _ARRAYS and len(item) == 6, "RESULTS item must have 6 fields")
         task_id, attempt, value, error, started_at, finished_at = item
         _expect(
             type(task_id) is str
@@ -703,7 +711,7 @@ def parse_results(body: object) -> list[Outcome]:
         )
         info: ErrorInfo | None = None
         if error is not None:
-            _expect(isinstance(error, list) and len(error) == 3, "bad RESULTS error")
+            _expect(type(error) in _ARRAYS and len(error) == 3, "bad RESULTS error")
             etype, message, tb = error
             _expect(isinstance(etype, str) and isinstance(message, str), "bad RESULTS error")
             _expect(tb is None or isinstance(tb, str), "bad RESULTS traceback")

@@ -19,7 +19,7 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -82,8 +82,9 @@ class Node:
         # Latest progress per running task, sent every PROGRESS_INTERVAL_S (coalesced).
         self._progress: dict[str, list[Any]] = {}
         self._progress_handle: asyncio.TimerHandle | None = None
-        self._outcomes: list[list[Any]] = []
-        self._recent: deque[tuple[float, list[Any]]] = deque(maxlen=RECENT_OUTCOMES_MAX)
+        # Outcomes as RESULTS items (tuples, see _execute).
+        self._outcomes: list[Sequence[Any]] = []
+        self._recent: deque[tuple[float, Sequence[Any]]] = deque(maxlen=RECENT_OUTCOMES_MAX)
         self._registrations = 0
         self._reconnecting = False
         self._flush_scheduled = False
@@ -362,10 +363,18 @@ class Node:
             del self._running[dispatch.task_id]
             if self._drain_until is not None:
                 self._wakeup.set()  # the drain may be complete
+        # A plain tuple, not Outcome.to_wire()'s list: the node keeps every outcome for
+        # RECENT_OUTCOMES_S (thousands of them), and a tuple of str, numbers, bytes and None
+        # is untracked by the garbage collector at its first collection, a list never is.
         self._outcomes.append(
-            Outcome(
-                dispatch.task_id, dispatch.attempt, value, error, started[0], time.time()
-            ).to_wire()
+            (
+                dispatch.task_id,
+                dispatch.attempt,
+                value,
+                None if error is None else tuple(error),
+                started[0],
+                time.time(),
+            )
         )
         if not self._flush_scheduled:
             # Nothing else waits to go: send it now (in-process, the broker records it and
@@ -454,10 +463,10 @@ class Node:
         while recent and recent[0][0] < now - RECENT_OUTCOMES_S:
             recent.popleft()
 
-    def _send_outcomes(self, outcomes: list[list[Any]]) -> None:
+    def _send_outcomes(self, outcomes: list[Sequence[Any]]) -> None:
         """RESULTS messages no larger than the broker accepts (it drops bigger ones)."""
         limit = self._max_message_bytes
-        batch: list[list[Any]] = []
+        batch: list[Sequence[Any]] = []
         size = 0
         for outcome in outcomes:
             cost = _outcome_size(outcome)
@@ -469,7 +478,7 @@ class Node:
         if batch:
             self._send_results(batch)
 
-    def _send_results(self, batch: list[list[Any]]) -> None:
+    def _send_results(self, batch: list[Sequence[Any]]) -> None:
         assert self._link is not None
         if self._link.send_body(Command.RESULTS, batch):
             return  # in-process: handed over unencoded (outcome texts are always encodable)
@@ -512,7 +521,7 @@ def _format_traceback() -> str | None:
         return None
 
 
-def _unencodable(outcome: list[Any], exc: Exception) -> list[Any]:
+def _unencodable(outcome: Sequence[Any], exc: Exception) -> list[Any]:
     """A failed outcome in place of one that could not be encoded (same task and attempt)."""
     error = ErrorInfo.safe(
         "SerializationError", f"the attempt's outcome could not be encoded: {exc}", None
@@ -521,7 +530,7 @@ def _unencodable(outcome: list[Any], exc: Exception) -> list[Any]:
     return Outcome(task_id, attempt, None, error, started_at, finished_at).to_wire()
 
 
-def _outcome_size(outcome: list[Any]) -> int:
+def _outcome_size(outcome: Sequence[Any]) -> int:
     """Roughly the encoded size of one outcome (its value or error text dominates)."""
     value, error = outcome[2], outcome[3]
     size = 256 + (len(value) if value else 0)
