@@ -20,8 +20,9 @@ from flowrra.broker.core import Broker
 from flowrra.broker.endpoint import BrokerEndpoint
 from flowrra.broker.stats import TaskStats
 from flowrra.broker.store import Durability, LmdbStore, MemoryStore, Store, StoreError
+from flowrra.errors import ProtocolError
 from flowrra.inproc import InprocHub
-from flowrra.protocol import Command, Message
+from flowrra.protocol import Command, Message, decode
 from flowrra.transport import Wakeup
 
 log = logging.getLogger("flowrra.broker")
@@ -34,6 +35,14 @@ RELEASE_PAGES_INTERVAL_S = 2.0
 FAILURE_LOG_INTERVAL_S = 30.0
 # Longest an fsync'd commit waits for the outcomes of the tasks its tick dispatched.
 LINGER_MAX_S = 0.001
+# Longest the ACK to a client that allows late acknowledgements (HELLO ``late_acks``) waits
+# for the outcomes of the tasks it acknowledges, so that it reaches the client with their
+# results: one wake-up of the client per quick task instead of two (protocol.md §4.4).
+ACK_HOLD_MAX_S = 0.001
+# Clients remembered as allowing late acknowledgements (the oldest forgotten first: a
+# forgotten one is acknowledged at once, as any client that did not ask).
+LATE_ACK_PEERS_MAX = 10_000
+_HELLO_FRAME = bytes([Command.HELLO])
 
 
 def open_store(config: BrokerConfig) -> Store:
@@ -88,6 +97,11 @@ class BrokerService:
         # see _linger), at most about as long as a commit takes (_commit_s, measured).
         self._linger_until = 0.0
         self._commit_s = LINGER_MAX_S / 2
+        # Clients whose HELLO allowed late acknowledgements, their held ACK items, and
+        # until when (time.monotonic()) the oldest of those may wait (see _hold_acks).
+        self._late_ack_peers: dict[bytes, None] = {}
+        self._held_acks: dict[bytes, list[list[Any]]] = {}
+        self._held_until = 0.0
 
     def stop(self) -> None:
         self._stopping = True
@@ -119,19 +133,23 @@ class BrokerService:
                     if broker.tick_is_full:
                         deferred.extend(messages[index:])
                         break
+                    if len(frames) == 3 and frames[1] == _HELLO_FRAME:
+                        self._note_hello(peer, frames)
                     handle(peer, frames, now)
                 for topic in topics:
                     broker.handle_subscription(topic)
                 broker.tick(now)
+                fresh = False
                 if self.store.dirty:
-                    fresh = self._fresh_dispatch() if self._writer is not None else False
+                    if self._writer is not None or self._late_ack_peers:
+                        fresh = self._fresh_dispatch()
                     # Dispatches need not wait for the disk: a crash before this commit only
                     # means the attempt runs again under the same number, and attempts are
                     # fenced, so the task still gets exactly one final result. Nodes start
                     # working while the fsync runs; acknowledgements and results wait for it.
                     if self._failing_since is None:  # else they would be resent every tick
                         self._send_dispatches(now)
-                    if self._linger(fresh, bool(deferred)):
+                    if self._writer is not None and self._linger(fresh, bool(deferred)):
                         # Wait (briefly) for the outcomes of what was just dispatched, and
                         # commit them with it: one fsync instead of two. Nothing waiting
                         # on this commit has been sent, so no promise is made early.
@@ -141,6 +159,8 @@ class BrokerService:
                         continue
                     self._linger_until = 0.0
                     await self._commit()
+                if self._late_ack_peers:
+                    self._hold_acks(fresh)
                 if broker.outbox:
                     self._flush(now)
                 self._processing = False
@@ -157,12 +177,15 @@ class BrokerService:
                 # tick first.
                 now = self.clock()
                 sleep_s = broker.seconds_until_due(now)
+                if self._held_acks:  # they go out by _held_until at the latest
+                    sleep_s = min(sleep_s, max(self._held_until - time.monotonic(), 0.0))
                 self._sleeping_until = now + sleep_s
                 await self.wakeup.wait(sleep_s)
                 self._sleeping_until = math.inf
         finally:
             if self.store.dirty:
                 await self._commit()
+            self._release_acks()
             if broker.outbox:
                 self._flush(self.clock())
             if self._writer is not None:
@@ -208,6 +231,55 @@ class BrokerService:
             return False
         accepted = {item[0] for items in outbox.acks.values() for item in items if item[1] is None}
         return all(item[0] in accepted for items in outbox.tasks.values() for item in items)
+
+    def _note_hello(self, peer: bytes, frames: list[bytes]) -> None:
+        """Remember whether this client allows late acknowledgements (its HELLO says
+        ``late_acks: true``); the broker's core answers the HELLO itself."""
+        try:
+            body = decode(frames).body
+        except ProtocolError:
+            return  # the core drops it too
+        late = self._late_ack_peers
+        late.pop(peer, None)
+        if isinstance(body, dict) and body.get("late_acks") is True:
+            late[peer] = None
+            if len(late) > LATE_ACK_PEERS_MAX:
+                del late[next(iter(late))]
+
+    def _hold_acks(self, fresh: bool) -> None:
+        """Hold back, after their commit, the ACKs to late-ack clients of a tick that
+        dispatched what it accepted, until the tick that publishes results (theirs, as a
+        rule) or for ``ACK_HOLD_MAX_S`` at most; then they leave with that tick's output.
+
+        Nothing is promised early: an ACK leaves only later than it could have. A client
+        whose submit waits for its ACK (``confirm_submits``) does not ask for this."""
+        outbox = self.broker.outbox
+        held = self._held_acks
+        if held and (
+            outbox.results
+            or outbox.publications
+            or self._stopping
+            or time.monotonic() >= self._held_until
+        ):
+            self._release_acks()
+            return
+        if not fresh or not outbox.acks or self._failing_since is not None:
+            return
+        late = self._late_ack_peers
+        for peer in [peer for peer in outbox.acks if peer in late]:
+            held.setdefault(peer, []).extend(outbox.acks.pop(peer))
+        if held and not self._held_until:
+            self._held_until = time.monotonic() + ACK_HOLD_MAX_S
+
+    def _release_acks(self) -> None:
+        """Put the held ACK items back in the outbox, ahead of this tick's (in order)."""
+        if not self._held_acks:
+            return
+        acks = self.broker.outbox.acks
+        for peer, items in self._held_acks.items():
+            acks[peer][:0] = items
+        self._held_acks = {}
+        self._held_until = 0.0
 
     def _publishes_or_replies(self) -> bool:
         outbox = self.broker.outbox

@@ -199,6 +199,8 @@ class Flowrra:
                 connector,
                 connect_timeout_s=self.connect_timeout,
                 request_timeout_s=self.request_timeout,
+                # Deferred confirmation: ACKs may come with the results (one wake-up).
+                late_acks=not self.confirm_submits,
             )
         try:
             await client.connect()

@@ -1,0 +1,144 @@
+"""Late acknowledgements: a client that does not wait for its ACKs (``late_acks`` in its
+HELLO) gets the ACK of a task dispatched at once together with the task's result, or after
+``ACK_HOLD_MAX_S`` at the latest; a client whose submits wait for their ACK gets it at once.
+
+The broker runs in this process over real ZeroMQ sockets on loopback; the node is a bare
+DEALER speaking the protocol, so the test decides when an outcome arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import zmq
+
+import flowrra.broker.server as server
+from flowrra import Flowrra
+from flowrra.broker.config import BrokerConfig
+from flowrra.broker.core import Broker
+from flowrra.broker.endpoint import ZmqBrokerEndpoint
+from flowrra.broker.server import BrokerService
+from flowrra.broker.store import MemoryStore
+from flowrra.protocol import Command, Dispatch, Outcome, decode, encode, pack_value, parse_tasks
+from flowrra.transport import Wakeup, recv_frames
+from tests.broker.harness import node_ready
+from tests.conftest import free_port
+
+TASK = "tests.late_acks.echo"
+
+
+@dataclass
+class Setup:
+    url: str
+    node: zmq.Socket[bytes]
+
+
+def _recv(sock: zmq.Socket[bytes], timeout_s: float = 5.0) -> list[bytes]:
+    if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+        raise AssertionError("nothing arrived")
+    return recv_frames(sock)
+
+
+async def _next_tasks(node: zmq.Socket[bytes]) -> list[Dispatch]:
+    while True:
+        message = decode(await asyncio.to_thread(_recv, node))
+        if message.command is Command.TASKS:
+            return parse_tasks(message.body)
+
+
+def _report(node: zmq.Socket[bytes], dispatch: Dispatch, value: object) -> None:
+    now = time.time()
+    outcome = Outcome(dispatch.task_id, dispatch.attempt, pack_value(value), None, now, now)
+    node.send_multipart(encode(Command.RESULTS, [outcome.to_wire()]))
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    url = f"tcp://127.0.0.1:{free_port()}"
+    wakeup = Wakeup()
+    endpoint = ZmqBrokerEndpoint(url, f"tcp://127.0.0.1:{free_port()}", wakeup)
+    store = MemoryStore()
+    service = BrokerService(
+        Broker(store, BrokerConfig(data_dir=None), endpoint.publish_endpoint),
+        endpoint,
+        wakeup,
+        store,
+    )
+    running = asyncio.create_task(service.run())
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    node = context.socket(zmq.DEALER)
+    node.setsockopt(zmq.LINGER, 0)
+    node.connect(url)
+    ready = node_ready("late-ack-node", async_slots=10, tasks={TASK: "async"})
+    node.send_multipart(encode(Command.READY, ready.to_wire()))
+    assert decode(await asyncio.to_thread(_recv, node)).command is Command.WELCOME
+    try:
+        yield Setup(url, node)
+    finally:
+        service.stop()
+        await running
+        endpoint.close()
+        node.close(linger=0)
+        context.term()
+
+
+def _app(url: str, *, confirm_submits: bool) -> Flowrra:
+    app = Flowrra.from_urls(url, confirm_submits=confirm_submits)
+    app.task(name=TASK)(_echo)
+    return app
+
+
+async def _echo(x: int) -> int:
+    return x
+
+
+async def test_a_deferred_submit_is_acknowledged_with_its_result(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "ACK_HOLD_MAX_S", 30.0)  # no timing: only the result ends it
+    async with _app(setup.url, confirm_submits=False) as app:
+        client = app._connected()
+        assert client.late_acks
+        task_id = await app.submit(_echo, 7)
+        (dispatch,) = await _next_tasks(setup.node)
+        assert dispatch.task_id == task_id
+        # Stored and dispatched, but the ACK waits for the outcome: nothing confirmed yet.
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(client.confirmed(30.0)), 0.3)
+        _report(setup.node, dispatch, 7)
+        assert (await app.wait_for_result(task_id, timeout=5)).result == 7
+        await client.confirmed(5.0)  # the ACK came with it
+
+
+async def test_a_held_ack_leaves_after_the_bound_without_an_outcome(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "ACK_HOLD_MAX_S", 0.05)
+    async with _app(setup.url, confirm_submits=False) as app:
+        task_id = await app.submit(_echo, 1)
+        (dispatch,) = await _next_tasks(setup.node)
+        await app._connected().confirmed(5.0)  # the node never answered: the bound did it
+        _report(setup.node, dispatch, 1)
+        assert (await app.wait_for_result(task_id, timeout=5)).result == 1
+
+
+async def test_a_client_that_waits_for_acks_gets_them_at_once(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "ACK_HOLD_MAX_S", 30.0)
+    async with _app(setup.url, confirm_submits=True) as app:
+        assert not app._connected().late_acks
+        task_id = await asyncio.wait_for(app.submit(_echo, 3), 5)  # while the task runs
+        (dispatch,) = await _next_tasks(setup.node)
+        _report(setup.node, dispatch, 3)
+        assert (await app.wait_for_result(task_id, timeout=5)).result == 3
+
+
+def test_free_port_is_loopback() -> None:
+    port = free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # still free, and on loopback
