@@ -15,6 +15,7 @@ from typing import Any
 
 from flowrra import Flowrra
 from flowrra.broker.stats import TaskStats
+from flowrra.client import _IN_PROCESS_BURST
 from flowrra.protocol import TaskStatus
 from tests.conftest import embedded_twin
 
@@ -43,12 +44,13 @@ async def test_submissions_awaiting_their_ack_are_not_tracked() -> None:
     twin = embedded_twin(app)
     async with twin:
         client = twin._connected()
-        # One burst (no await that suspends): the later submits wait for the flush.
-        ids = [await twin.submit(add, i, i) for i in range(100)]
-        assert len(client._unacked) >= 99
+        # One burst shorter than the one after which a submit lets the loop run: the
+        # later submits wait for the flush.
+        ids = [await twin.submit(add, i, i) for i in range(_IN_PROCESS_BURST)]
+        assert len(client._unacked) >= _IN_PROCESS_BURST - 1
         assert tracked(list(client._unacked.values())) == []
         results = await asyncio.gather(*(twin.wait_for_result(t, timeout=10) for t in ids))
-    assert [r.result for r in results] == [2 * i for i in range(100)]
+    assert [r.result for r in results] == [2 * i for i in range(_IN_PROCESS_BURST)]
 
 
 async def test_kept_outcomes_and_task_events_are_not_tracked() -> None:
