@@ -131,3 +131,73 @@ async def test_an_acknowledgement_does_not_wait_for_a_slow_task(tmp_path: Path) 
         assert record is not None and record.status.value in ("pending", "running")
         release.set()
         assert (await app.wait_for_result(task_id)).result == "done"
+
+
+async def test_the_broker_process_commits_on_its_loop_and_embedded_off_it(
+    tmp_path: Path,
+) -> None:
+    """A standalone broker awaits its commit anyway, so it fsyncs on the loop's thread (a
+    hand-off to a thread and back cost ~0.12 ms per commit); embedded, the app shares the
+    loop, so the fsync runs on the commit thread."""
+    import threading
+
+    from flowrra.broker.config import BrokerConfig
+    from flowrra.broker.core import Broker
+    from flowrra.broker.endpoint import ZmqBrokerEndpoint
+    from flowrra.broker.server import BrokerService
+    from flowrra.broker.store import Durability, LmdbStore
+    from tests.conftest import free_port
+
+    store = LmdbStore(str(tmp_path / "standalone"), Durability.FULL)
+    wakeup = Wakeup()
+    endpoint = ZmqBrokerEndpoint(
+        f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", wakeup
+    )
+    threads: list[str] = []
+    commit = store.commit
+
+    def recorded() -> None:
+        threads.append(threading.current_thread().name)
+        commit()
+
+    store.commit = recorded  # type: ignore[method-assign]
+    service = BrokerService(
+        Broker(store, BrokerConfig(data_dir=str(tmp_path)), endpoint.publish_endpoint),
+        endpoint,
+        wakeup,
+        store,
+    )
+    running = asyncio.create_task(service.run())
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        app = Flowrra.from_urls(endpoint.bind_url)
+        app.task()(_idle)
+        async with app:
+            await app.submit(_idle)  # queued (no node): one commit of the submit
+        await wait_until(lambda: len(threads) >= 1)
+    finally:
+        service.stop()
+        await running
+        endpoint.close()
+        store.close()
+    assert set(threads) == {threading.main_thread().name}
+
+    embedded = Flowrra.from_urls(data_dir=str(tmp_path / "embedded"), durability="full")
+    embedded.task()(_idle)
+    async with embedded:
+        service = embedded._service
+        assert service is not None
+        embedded_threads: list[str] = []
+        embedded_commit = service.store.commit
+
+        def recorded_embedded() -> None:
+            embedded_threads.append(threading.current_thread().name)
+            embedded_commit()
+
+        service.store.commit = recorded_embedded  # type: ignore[method-assign]
+        await embedded.wait_for_result(await embedded.submit(_idle), timeout=10)
+    assert embedded_threads and threading.main_thread().name not in embedded_threads
+
+
+async def _idle() -> None:
+    return None
