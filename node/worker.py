@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import math
 import os
 import socket
 import time
@@ -27,7 +28,7 @@ from flowrra import protocol, tracing
 from flowrra.errors import ProtocolError, RemoteTaskError, TaskTimeoutError
 from flowrra.node.heartbeat import HeartbeatThread
 from flowrra.node.process_pool import FunctionRef, ProcessPool
-from flowrra.progress import PROGRESS_INTERVAL_S, Progress, Throttle, current_sink
+from flowrra.progress import PROGRESS_INTERVAL_S, Progress, current_sink
 from flowrra.protocol import Command, Dispatch, ErrorInfo, Outcome, SlotKind
 from flowrra.task import TaskSpec
 from flowrra.transport import Connector, Link, Wakeup, ZmqConnector
@@ -390,11 +391,11 @@ class Node:
             raise LookupError(f"this node has no task named {dispatch.name!r}")
         timeout = dispatch.timeout_s
         loop = asyncio.get_running_loop()
-
-        def on_progress(progress: Progress) -> None:
-            self._note_progress(dispatch.task_id, dispatch.attempt, progress)
-
         if spec.cpu_bound:
+
+            def on_progress(progress: Progress) -> None:
+                self._note_progress(dispatch.task_id, dispatch.attempt, progress)
+
             if self._pool is None:
                 raise RuntimeError("this node runs no worker processes for cpu_bound tasks")
             key = (dispatch.task_id, dispatch.attempt)
@@ -417,7 +418,7 @@ class Node:
         args, kwargs = protocol.unpack_args(dispatch.payload)
         # report_progress() in the task (on this loop, or in a thread) lands in on_progress,
         # at most every PROGRESS_INTERVAL_S.
-        current_sink.set(Throttle(lambda p: loop.call_soon_threadsafe(on_progress, p)))
+        current_sink.set(_ProgressSink(self, loop, dispatch.task_id, dispatch.attempt))
         call: Awaitable[Any]
         if spec.is_async:
             call = spec.fn(*args, **kwargs)
@@ -512,6 +513,38 @@ class Node:
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
         log.info("node %s stopped", self.node_id)
+
+
+class _ProgressSink:
+    """Where report_progress() of an attempt on this node's loop (or in one of its threads)
+    lands: at most one report per PROGRESS_INTERVAL_S is handed to the loop, the others are
+    held (as :class:`flowrra.progress.Throttle` does). One object per attempt instead of a
+    throttle, a lambda and a closure with its cells: set for every attempt, and nearly
+    always unused."""
+
+    __slots__ = ("_attempt", "_last_sent", "_loop", "_node", "_task_id", "pending")
+
+    def __init__(
+        self, node: Node, loop: asyncio.AbstractEventLoop, task_id: str, attempt: int
+    ) -> None:
+        self._node = node
+        self._loop = loop
+        self._task_id = task_id
+        self._attempt = attempt
+        self._last_sent = -math.inf
+        self.pending: Progress | None = None
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if now - self._last_sent >= PROGRESS_INTERVAL_S:
+            self._last_sent = now
+            self.pending = None
+            node = self._node
+            self._loop.call_soon_threadsafe(
+                node._note_progress, self._task_id, self._attempt, progress
+            )
+        else:
+            self.pending = progress
 
 
 def _format_traceback() -> str | None:
