@@ -58,6 +58,8 @@ EXPIRED = TaskStatus.EXPIRED
 # 0.1 us in Python 3.11, a module constant a few ns.
 _PENDING, _RUNNING, _RETRYING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.RETRYING
 _SUCCESS, _FAILED = TaskStatus.SUCCESS, TaskStatus.FAILED
+# The commands of nearly every message (module constants for the same reason).
+_SUBMIT, _RESULTS, _HEARTBEAT = Command.SUBMIT, Command.RESULTS, Command.HEARTBEAT
 # Statuses of tasks that wait for a timer or a slot: they may still expire.
 _WAITING = frozenset((TaskStatus.SCHEDULED, TaskStatus.PENDING, TaskStatus.RETRYING))
 # How long after a failed commit the outcomes it lost are applied again.
@@ -544,15 +546,15 @@ class Broker:
 
     def _dispatch_command(self, peer: bytes, message: protocol.Message, now: float) -> None:
         command, body = message.command, message.body
-        if command is Command.SUBMIT:
+        if command is _SUBMIT:
             valid, rejected = protocol.split_submit(body)
             self.accept(peer, valid, now)
             for task_id, reason in rejected:
                 log.warning("refused task %r from %s: %s", task_id, peer.hex(), reason)
                 self.outbox.acks[peer].append([task_id, reason])
-        elif command is Command.RESULTS:
+        elif command is _RESULTS:
             self.complete(peer, protocol.parse_results(body), now)
-        elif command is Command.HEARTBEAT:
+        elif command is _HEARTBEAT:
             self.heartbeat_from(peer, body, now)
         elif command is Command.PROGRESS:
             self.note_progress(peer, protocol.parse_progress(body))

@@ -53,6 +53,14 @@ _FORMAT_KEY = b"format"
 STORE_FORMAT = 2
 
 
+# The tables as module constants: reading a member from its enum class costs about 70 ns in
+# Python 3.11, a module global a few ns, and a task passes a dozen store calls.
+_TASKS, _PAYLOADS, _HISTORY = Table.TASKS, Table.PAYLOADS, Table.HISTORY
+_QUEUE, _LEASES, _TIMERS, _EXPIRY = Table.QUEUE, Table.LEASES, Table.TIMERS, Table.EXPIRY
+_DEAD, _META, _SCHEDULES, _WORKFLOWS = Table.DEAD, Table.META, Table.SCHEDULES, Table.WORKFLOWS
+_FAILED = TaskStatus.FAILED
+
+
 class StoreFormatError(FlowrraError, ValueError):
     """The data directory was written by an incompatible version."""
 
@@ -74,7 +82,7 @@ class TaskRepository:
         # next: no encoding at each save and no decoding when a later tick reads them.
         self._memory = store if isinstance(store, MemoryStore) else None
         if self._memory is not None:
-            self._memory.keep_objects(Table.TASKS, TaskRecord.encode_snapshot)
+            self._memory.keep_objects(_TASKS, TaskRecord.encode_snapshot)
         self._records: dict[str, TaskRecord] = {}  # this tick's decoded or written records
         # Queue entries of tasks added this tick (new orders, never committed) -> task id.
         self._fresh: dict[int, str] = {}
@@ -94,14 +102,10 @@ class TaskRepository:
             return record
         key = task_id.encode()
         memory = self._memory
-        data = (
-            self.store.get(Table.TASKS, key)
-            if memory is None
-            else memory.get_object(Table.TASKS, key)
-        )
+        data = self.store.get(_TASKS, key) if memory is None else memory.get_object(_TASKS, key)
         if data is None:
             return None
-        payload = self.store.get(Table.PAYLOADS, key) or b""
+        payload = self.store.get(_PAYLOADS, key) or b""
         if type(data) is tuple:
             record = TaskRecord.from_snapshot(data, payload)
         else:
@@ -115,21 +119,21 @@ class TaskRepository:
         key = task_id.encode()
         memory = self._memory
         if memory is not None:
-            return memory.get_object(Table.TASKS, key) is not None
-        return self.store.get(Table.TASKS, key) is not None
+            return memory.get_object(_TASKS, key) is not None
+        return self.store.get(_TASKS, key) is not None
 
     def save(self, record: TaskRecord) -> None:
         """Write a record's state as it is now (its arguments are written once, by
         :meth:`add`); later changes to the object are not stored until it is saved again."""
         if self._memory is not None:
-            self._memory.put_object(Table.TASKS, record.task_id.encode(), record.snapshot())
+            self._memory.put_object(_TASKS, record.task_id.encode(), record.snapshot())
         else:
-            self.store.put(Table.TASKS, record.task_id.encode(), record.encode())
+            self.store.put(_TASKS, record.task_id.encode(), record.encode())
         self._records[record.task_id] = record
 
     def add(self, record: TaskRecord, *, queued: bool = True) -> None:
         """Store a new task with its arguments, and queue it (unless it waits for a timer)."""
-        self.store.put(Table.PAYLOADS, record.task_id.encode(), record.payload)
+        self.store.put(_PAYLOADS, record.task_id.encode(), record.payload)
         if queued:
             self.enqueue(record)
             self._fresh[record.order] = record.task_id
@@ -139,17 +143,17 @@ class TaskRepository:
         """The ends of a task's attempts, oldest first."""
         prefix = _history_prefix(task_id.encode())
         stop = prefix + b"\xff" * _U32.size
-        return [decode_attempt(v) for _, v in self.store.scan(Table.HISTORY, prefix, stop)]
+        return [decode_attempt(v) for _, v in self.store.scan(_HISTORY, prefix, stop)]
 
     def record_attempt(self, record: TaskRecord, entry: Attempt) -> None:
         """Append the end of the record's current attempt to its history."""
         # Every dispatch has a new attempt number, and each attempt ends once.
         key = _history_prefix(record.task_id.encode()) + _U32.pack(record.attempt & 0xFFFFFFFF)
-        self.store.put(Table.HISTORY, key, encode_attempt(entry))
+        self.store.put(_HISTORY, key, encode_attempt(entry))
 
     def save_payload(self, record: TaskRecord) -> None:
         """Rewrite a task's arguments (a workflow step handing its result on)."""
-        self.store.put(Table.PAYLOADS, record.task_id.encode(), record.payload)
+        self.store.put(_PAYLOADS, record.task_id.encode(), record.payload)
 
     def forget(self, task_id: str) -> None:
         """Delete everything stored about a task (and its workflow with its last step)."""
@@ -157,13 +161,13 @@ class TaskRepository:
         if record is not None and record.workflow_id is not None:
             workflow = self.get_workflow(record.workflow_id)
             if workflow is not None and task_id in workflow["steps"][-1]:
-                self.store.delete(Table.WORKFLOWS, record.workflow_id.encode())
+                self.store.delete(_WORKFLOWS, record.workflow_id.encode())
         key = task_id.encode()
-        self.store.delete(Table.TASKS, key)
-        self.store.delete(Table.PAYLOADS, key)
+        self.store.delete(_TASKS, key)
+        self.store.delete(_PAYLOADS, key)
         prefix = _history_prefix(key)
-        for hkey, _ in self.store.scan(Table.HISTORY, prefix, prefix + b"\xff" * _U32.size):
-            self.store.delete(Table.HISTORY, hkey)
+        for hkey, _ in self.store.scan(_HISTORY, prefix, prefix + b"\xff" * _U32.size):
+            self.store.delete(_HISTORY, hkey)
         self._records.pop(task_id, None)
 
     # ------------------------------------------------------------------ queue
@@ -175,19 +179,19 @@ class TaskRepository:
     def enqueue(self, record: TaskRecord) -> None:
         """The queue entry of a PENDING record at its ``order``."""
         entry = packb([record.task_id, record.name, record.priority])
-        self.store.put(Table.QUEUE, _U64.pack(record.order), entry)
+        self.store.put(_QUEUE, _U64.pack(record.order), entry)
 
     def take_queued(self, order: int) -> str | None:
         """Remove a queue entry; the task id it held (None if there was none)."""
         key = _U64.pack(order)
         task_id = self._fresh.pop(order, None)
         # Added this tick, at a new order the store never held: nothing to delete.
-        if task_id is not None and self.store.unput(Table.QUEUE, key):
+        if task_id is not None and self.store.unput(_QUEUE, key):
             return task_id
-        entry = self.store.get(Table.QUEUE, key)
+        entry = self.store.get(_QUEUE, key)
         if entry is None:
             return None
-        self.store.delete(Table.QUEUE, key)
+        self.store.delete(_QUEUE, key)
         held: str = msgpack.unpackb(entry)[0]
         return held
 
@@ -196,56 +200,56 @@ class TaskRepository:
         task_id = self._fresh.get(order)
         if task_id is not None:
             return task_id
-        entry = self.store.get(Table.QUEUE, _U64.pack(order))
+        entry = self.store.get(_QUEUE, _U64.pack(order))
         return None if entry is None else msgpack.unpackb(entry)[0]
 
     def queued(self) -> Iterator[tuple[int, str, int]]:
         """``(order, name, priority)`` of every queue entry, in order (for recovery)."""
-        for key, entry in self.store.scan(Table.QUEUE):
+        for key, entry in self.store.scan(_QUEUE):
             _task_id, name, priority = msgpack.unpackb(entry)
             yield _U64.unpack(key)[0], name, priority
 
     def next_order(self) -> int:
-        stored = self.store.get(Table.META, _NEXT_ORDER_KEY)
+        stored = self.store.get(_META, _NEXT_ORDER_KEY)
         return 0 if stored is None else int(_U64.unpack(stored)[0])
 
     def store_next_order(self, order: int) -> None:
-        self.store.put(Table.META, _NEXT_ORDER_KEY, _U64.pack(order))
+        self.store.put(_META, _NEXT_ORDER_KEY, _U64.pack(order))
 
     def registered_nodes(self) -> list[str] | None:
         """The node ids registered when the set last changed (None: never stored)."""
-        stored = self.store.get(Table.META, _NODES_KEY)
+        stored = self.store.get(_META, _NODES_KEY)
         return None if stored is None else list(msgpack.unpackb(stored))
 
     def store_registered_nodes(self, node_ids: list[str]) -> None:
-        self.store.put(Table.META, _NODES_KEY, packb(node_ids))
+        self.store.put(_META, _NODES_KEY, packb(node_ids))
 
     # ------------------------------------------------------------------ leases
 
     def lease(self, record: TaskRecord) -> None:
         """The durable lease of a record's current attempt (on ``record.node_id``)."""
         value = _U64.pack(record.attempt) + (record.node_id or "").encode()
-        self.store.put(Table.LEASES, record.task_id.encode(), value)
+        self.store.put(_LEASES, record.task_id.encode(), value)
 
     def end_lease(self, task_id: str) -> None:
-        self.store.delete(Table.LEASES, task_id.encode())
+        self.store.delete(_LEASES, task_id.encode())
 
     def leases(self) -> Iterator[tuple[str, int, str]]:
         """``(task id, attempt, node id)`` of every stored lease (for recovery)."""
-        for key, value in self.store.scan(Table.LEASES):
+        for key, value in self.store.scan(_LEASES):
             yield key.decode(), _U64.unpack(value[:8])[0], value[8:].decode()
 
     # ------------------------------------------------------------------ timers
 
     def set_timer(self, due_ms: int, task_id: str) -> None:
-        self.store.put(Table.TIMERS, _U64.pack(due_ms) + task_id.encode(), b"")
+        self.store.put(_TIMERS, _U64.pack(due_ms) + task_id.encode(), b"")
 
     def clear_timer(self, due_ms: int, task_id: str) -> None:
-        self.store.delete(Table.TIMERS, _U64.pack(due_ms) + task_id.encode())
+        self.store.delete(_TIMERS, _U64.pack(due_ms) + task_id.encode())
 
     def timers(self) -> Iterator[tuple[int, str]]:
         """``(due_ms, task id)`` of every stored timer (for recovery)."""
-        for key, _ in self.store.scan(Table.TIMERS):
+        for key, _ in self.store.scan(_TIMERS):
             yield _U64.unpack(key[:8])[0], key[8:].decode()
 
     # ------------------------------------------------------------------ results
@@ -254,10 +258,10 @@ class TaskRepository:
         """Store a final record, due to be forgotten at ``expires_ms``; a FAILED one is a
         dead letter until then."""
         key = record.task_id.encode()
-        if record.status is TaskStatus.FAILED:
-            self.store.put(Table.DEAD, _dead_key(expires_ms, key), b"")
+        if record.status is _FAILED:
+            self.store.put(_DEAD, _dead_key(expires_ms, key), b"")
         self.save(record)
-        self.store.put(Table.EXPIRY, _U64.pack(expires_ms) + key, b"")
+        self.store.put(_EXPIRY, _U64.pack(expires_ms) + key, b"")
 
     def unfinish(self, record: TaskRecord) -> bool:
         """Take a dead letter out of the dead-letter and expiry indexes (to queue it again)."""
@@ -265,19 +269,19 @@ class TaskRepository:
             return False
         expires_ms = int(record.expires_at * 1000)
         key = record.task_id.encode()
-        if self.store.get(Table.DEAD, _dead_key(expires_ms, key)) is None:
+        if self.store.get(_DEAD, _dead_key(expires_ms, key)) is None:
             return False
-        self.store.delete(Table.DEAD, _dead_key(expires_ms, key))
-        self.store.delete(Table.EXPIRY, _U64.pack(expires_ms) + key)
+        self.store.delete(_DEAD, _dead_key(expires_ms, key))
+        self.store.delete(_EXPIRY, _U64.pack(expires_ms) + key)
         return True
 
     def expire(self, now_ms: int) -> int:
         """Forget finished tasks whose expiry time has passed; how many."""
         expired = 0
-        for key, _ in self.store.scan(Table.EXPIRY, b"", _U64.pack(now_ms + 1)):
-            self.store.delete(Table.EXPIRY, key)
+        for key, _ in self.store.scan(_EXPIRY, b"", _U64.pack(now_ms + 1)):
+            self.store.delete(_EXPIRY, key)
             task_id = key[_U64.size :]
-            self.store.delete(Table.DEAD, _dead_key(_U64.unpack(key[:8])[0], task_id))
+            self.store.delete(_DEAD, _dead_key(_U64.unpack(key[:8])[0], task_id))
             self.forget(task_id.decode())
             expired += 1
         return expired
@@ -285,50 +289,50 @@ class TaskRepository:
     def dead_letters(self, limit: int) -> list[TaskRecord]:
         """FAILED tasks, newest first (reads only what it returns)."""
         records = []
-        for key, _ in self.store.scan(Table.DEAD):
+        for key, _ in self.store.scan(_DEAD):
             record = self.get(key[_U64.size :].decode())
-            if record is not None and record.status is TaskStatus.FAILED:
+            if record is not None and record.status is _FAILED:
                 records.append(record)
                 if len(records) >= limit:
                     break
         return records
 
     def count_dead(self) -> int:
-        return self.store.count(Table.DEAD)
+        return self.store.count(_DEAD)
 
     def count_results(self) -> int:
-        return self.store.count(Table.EXPIRY)
+        return self.store.count(_EXPIRY)
 
     # ------------------------------------------------------------------ schedules
 
     def save_schedule(self, schedule: dict[str, Any]) -> None:
-        self.store.put(Table.SCHEDULES, schedule["id"].encode(), packb(schedule))
+        self.store.put(_SCHEDULES, schedule["id"].encode(), packb(schedule))
 
     def delete_schedule(self, schedule_id: str) -> None:
-        self.store.delete(Table.SCHEDULES, schedule_id.encode())
+        self.store.delete(_SCHEDULES, schedule_id.encode())
 
     def schedules(self) -> Iterator[dict[str, Any]]:
-        for _, value in self.store.scan(Table.SCHEDULES):
+        for _, value in self.store.scan(_SCHEDULES):
             yield msgpack.unpackb(value, raw=False)
 
     # ------------------------------------------------------------------ workflows
 
     def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
-        data = self.store.get(Table.WORKFLOWS, workflow_id.encode())
+        data = self.store.get(_WORKFLOWS, workflow_id.encode())
         return None if data is None else msgpack.unpackb(data, raw=False)
 
     def save_workflow(self, workflow: dict[str, Any]) -> None:
-        self.store.put(Table.WORKFLOWS, workflow["id"].encode(), packb(workflow))
+        self.store.put(_WORKFLOWS, workflow["id"].encode(), packb(workflow))
 
     # ------------------------------------------------------------------ format
 
     def check_format(self) -> None:
         """Refuse a store in a layout this broker does not read; migrate format 1."""
-        stored = self.store.get(Table.META, _FORMAT_KEY)
+        stored = self.store.get(_META, _FORMAT_KEY)
         if stored is None:  # a new store, or one from before the marker: ask a record
-            first = next(iter(self.store.scan(Table.TASKS)), None)
+            first = next(iter(self.store.scan(_TASKS)), None)
             if first is None or msgpack.unpackb(first[1])[0] != 1:
-                self.store.put(Table.META, _FORMAT_KEY, _U64.pack(STORE_FORMAT))
+                self.store.put(_META, _FORMAT_KEY, _U64.pack(STORE_FORMAT))
                 return
             stored = _U64.pack(1)
         version = _U64.unpack(stored)[0]
@@ -342,12 +346,12 @@ class TaskRepository:
 
     def _migrate_from_format_1(self) -> None:
         """Split arguments and history out of format 1 records (in this tick's commit)."""
-        for key, data in list(self.store.scan(Table.TASKS)):
+        for key, data in list(self.store.scan(_TASKS)):
             record, history = TaskRecord.decode_format_1(data)
-            self.store.put(Table.PAYLOADS, key, record.payload)
+            self.store.put(_PAYLOADS, key, record.payload)
             for entry in history:
                 current, record.attempt = record.attempt, entry.attempt
                 self.record_attempt(record, entry)
                 record.attempt = current
-            self.store.put(Table.TASKS, key, record.encode())
-        self.store.put(Table.META, _FORMAT_KEY, _U64.pack(STORE_FORMAT))
+            self.store.put(_TASKS, key, record.encode())
+        self.store.put(_META, _FORMAT_KEY, _U64.pack(STORE_FORMAT))

@@ -33,6 +33,10 @@ from flowrra.protocol import Command, Dispatch, ErrorInfo, Outcome, SlotKind
 from flowrra.task import TaskSpec
 from flowrra.transport import Connector, Link, Wakeup, ZmqConnector
 
+# Read per message: a module global costs a few ns, an enum member read from its class
+# about 70 ns (Python 3.11).
+_TASKS, _RESULTS = Command.TASKS, Command.RESULTS
+
 log = logging.getLogger("flowrra.node")
 
 DRAIN_LIMIT = 1000
@@ -272,7 +276,7 @@ class Node:
 
     def _on_command(self, command: Command, body: Any, link: Link, now: float) -> None:
         try:
-            if command is Command.TASKS:
+            if command is _TASKS:
                 self._start(protocol.parse_tasks(body))
             elif command is Command.CANCEL:
                 self._cancel(protocol.parse_cancel(body))
@@ -481,7 +485,7 @@ class Node:
 
     def _send_results(self, batch: list[Sequence[Any]]) -> None:
         assert self._link is not None
-        if self._link.send_body(Command.RESULTS, batch):
+        if self._link.send_body(_RESULTS, batch):
             return  # in-process: handed over unencoded (outcome texts are always encodable)
         try:
             frames = protocol.encode(Command.RESULTS, batch)
