@@ -491,11 +491,44 @@ def split_submit(body: object) -> tuple[list[Submission], list[tuple[str, str]]]
         len(items) <= MAX_ITEMS_PER_MESSAGE,
         f"SUBMIT carries more than {MAX_ITEMS_PER_MESSAGE} items",
     )
+    isfinite = math.isfinite
     for item in items:
+        if type(item) in _ARRAYS and len(item) == 8:
+            # The usual item (no time options, the types a client sends), checked inline:
+            # the same conditions as _submission's, at a third of its cost. Anything else
+            # (an int where a float is usual, any failed check) takes the full path below.
+            task_id, name, priority, payload, max_retries, retry_delay, timeout, sent = item
+            if (
+                type(task_id) is str
+                and 0 < len(task_id) <= MAX_TASK_ID_CHARS
+                and (task_id.isascii() or len(task_id.encode()) <= MAX_TASK_ID_BYTES)
+                and type(name) is str
+                and 0 < len(name) <= MAX_TASK_NAME_CHARS
+                and type(priority) is int
+                and MIN_PRIORITY <= priority <= MAX_PRIORITY
+                and type(payload) is bytes
+                and type(max_retries) is int
+                and 0 <= max_retries <= MAX_RETRIES
+                and type(retry_delay) is float
+                and retry_delay >= 0
+                and isfinite(retry_delay)
+                and (
+                    timeout is None
+                    or (type(timeout) is float and timeout > 0 and isfinite(timeout))
+                )
+                and type(sent) is float
+                and isfinite(sent)
+            ):
+                valid.append(
+                    Submission(
+                        task_id, name, priority, payload, max_retries, retry_delay, timeout, sent
+                    )
+                )
+                continue
         # (A tuple only from an in-process client, which keeps its submissions as tuples:
         # msgpack decodes arrays as lists.)
         _expect(
-            isinstance(item, list | tuple) and len(item) in (8, 10),
+            isinstance(item, _ARRAYS) and len(item) in (8, 10),
             "SUBMIT item must have 8 or 10 fields",
         )
         _expect(isinstance(item[0], str), "SUBMIT item must start with a task id")
@@ -705,8 +738,14 @@ def parse_results(body: object) -> list[Outcome]:
             type(task_id) is str
             and type(attempt) is int
             and (value is None or type(value) is bytes)
-            and _is_number(started_at)
-            and _is_number(finished_at),
+            # (Floats, from every node: checked inline first, a call saved per time.)
+            and (
+                (type(started_at) is float and math.isfinite(started_at)) or _is_number(started_at)
+            )
+            and (
+                (type(finished_at) is float and math.isfinite(finished_at))
+                or _is_number(finished_at)
+            ),
             "bad RESULTS item",
         )
         info: ErrorInfo | None = None
