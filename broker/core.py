@@ -31,7 +31,6 @@ from flowrra.broker.workflows import validate as validate_workflow
 from flowrra.errors import AdminError, ProtocolError
 from flowrra.protocol import (
     Command,
-    Dispatch,
     ErrorInfo,
     Outcome,
     SlotKind,
@@ -922,6 +921,7 @@ class Broker:
             return
         nodes = self.nodes.with_credit()
         limits = self.limits
+        limited = bool(limits)  # (asked once: Limits.__bool__ is a call, and no node joins here)
         held: set[str] = set()  # names whose best task may not wait on a node (this tick)
         for ahead in (False, True):
             if ahead and not (self.nodes.cpu_prefetch and len(queues)):
@@ -940,7 +940,7 @@ class Broker:
                                 continue
                             if node.unreported and self._owes_reports(node, kind):
                                 continue
-                            if limits:
+                            if limited:
                                 # A limited task never waits on a node: its limits count what
                                 # runs, and when it would start is not known here.
                                 names = tuple(n for n in names if n not in limits.names)
@@ -949,7 +949,7 @@ class Broker:
                         else:
                             if node.free[kind] <= 0:
                                 continue
-                            if limits:  # names at their fleet-wide limit wait, queued
+                            if limited:  # names at their fleet-wide limit wait, queued
                                 names = tuple(n for n in names if limits.allows(n, now))
                         if names:
                             picked = queues.pop_best(names)
@@ -1002,9 +1002,8 @@ class Broker:
         if self.watched:
             self._publish_to_watchers(record)
         self.outbox.tasks[node.peer].append(
-            Dispatch(
-                task_id, record.attempt, record.name, record.payload, record.timeout_s
-            ).to_wire()
+            # Dispatch(...).to_wire(), without the NamedTuple in between.
+            [task_id, record.attempt, record.name, record.payload, record.timeout_s]
         )
 
     # ------------------------------------------------------------------ results
