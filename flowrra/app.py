@@ -427,7 +427,10 @@ class Flowrra:
 
     async def wait_for_result(self, task_id: str, timeout: float | None = None) -> TaskResult:
         """Wait until the task is complete; raises TimeoutError after ``timeout`` seconds."""
-        record = await self._connected().wait(task_id, timeout)
+        client = self._connected()
+        record = client.finished(task_id)  # there already: no future to make and await
+        if record is None:
+            record = await client.wait(task_id, timeout)
         return TaskResult.from_record(record)
 
     # ------------------------------------------------------------------ workflows

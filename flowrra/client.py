@@ -440,6 +440,13 @@ class BrokerClient:
         self._results.pop(task_id, None)
         self._unresolved.pop(task_id, None)
 
+    def finished(self, task_id: str) -> dict[str, Any] | None:
+        """The final record of ``task_id`` if this client holds it already: what :meth:`wait`
+        would complete with at once, without a future (a burst's results often arrive
+        before anyone waits for them)."""
+        self._check_open()
+        return self._results.get(task_id)
+
     def wait(self, task_id: str, timeout_s: float | None) -> asyncio.Future[dict[str, Any]]:
         """A future of the final record of ``task_id``, pushed by the broker when the task
         completes (TimeoutError after ``timeout_s``). A future rather than a coroutine: one

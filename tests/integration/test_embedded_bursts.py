@@ -29,6 +29,11 @@ async def test_a_long_burst_of_deferred_submits_lets_the_tasks_run_meanwhile() -
         # Every burst but the last two has run, and its results wait in the client's cache.
         assert len(client._results) >= 8 * _IN_PROCESS_BURST
         assert len(client._unacked) < 2 * _IN_PROCESS_BURST
+        # Those results are there already: wait_for_result needs no future for them.
+        assert client.finished(ids[0]) is not None and client.finished(ids[-1]) is None
+        waits_before = len(client._waiters)
+        first = await twin.wait_for_result(ids[0], timeout=10)
+        assert first.result == 0 and len(client._waiters) == waits_before
         results = await asyncio.gather(*(twin.wait_for_result(t, timeout=10) for t in ids))
     assert [r.result for r in results] == [2 * i for i in range(10 * _IN_PROCESS_BURST)]
 
