@@ -336,7 +336,24 @@ class Node:
         # The attempt's span (docs/tracing.md), current while the task runs.
         run = tracing.start_run(dispatch, self.node_id) if tracing.tracer is not None else None
         try:
-            value = await self._call(dispatch, started)
+            spec = self.specs.get(dispatch.name)
+            if (
+                spec is not None
+                and spec.is_async
+                and not spec.cpu_bound
+                and dispatch.timeout_s is None
+            ):
+                # The usual attempt, an async def without a timeout, run here: what _call
+                # does for it, without a coroutine and a frame more per task.
+                args, kwargs = protocol.unpack_args(dispatch.payload)
+                current_sink.set(
+                    _ProgressSink(
+                        self, asyncio.get_running_loop(), dispatch.task_id, dispatch.attempt
+                    )
+                )
+                value = protocol.pack_value(await spec.fn(*args, **kwargs))
+            else:
+                value = await self._call(dispatch, started)
         except asyncio.CancelledError:
             if (dispatch.task_id, dispatch.attempt) not in self._cancelled:
                 if self._running.get(dispatch.task_id, (None,))[0] == dispatch.attempt:
