@@ -296,7 +296,8 @@ class BrokerClient:
         if not submissions:
             return
         # Headroom for the message envelope and the other fields of the submission.
-        limit = self.max_message_bytes - min(4096, self.max_message_bytes // 8)
+        max_bytes = self.max_message_bytes
+        limit = max_bytes - min(4096, max_bytes // 8)
         for sub in submissions:
             if len(sub.payload) > limit:
                 raise MessageTooLargeError(
@@ -329,7 +330,8 @@ class BrokerClient:
             wires.append(wire)
         if self._flush_scheduled or not self._in_process:
             self._outgoing.extend(wires)  # batched with the others of this loop iteration
-            self._schedule_flush()
+            if not self._flush_scheduled:  # (usually it is: no call for nothing)
+                self._schedule_flush()
         else:
             # In-process with nothing else queued: send now rather than after a call_soon
             # (the broker's accept, tick and commit run, and the ACK arrives, before this

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import itertools
 import logging
 import math
 import os
@@ -89,7 +90,10 @@ class Node:
         self._progress_handle: asyncio.TimerHandle | None = None
         # Outcomes as RESULTS items (tuples, see _execute).
         self._outcomes: list[Sequence[Any]] = []
-        self._recent: deque[tuple[float, Sequence[Any]]] = deque(maxlen=RECENT_OUTCOMES_MAX)
+        # The outcomes sent in the last RECENT_OUTCOMES_S, and when each was sent
+        # (time.monotonic()), side by side: no (time, outcome) tuple to allocate per task.
+        self._recent: deque[Sequence[Any]] = deque(maxlen=RECENT_OUTCOMES_MAX)
+        self._recent_at: deque[float] = deque(maxlen=RECENT_OUTCOMES_MAX)
         self._registrations = 0
         self._reconnecting = False
         self._flush_scheduled = False
@@ -175,7 +179,7 @@ class Node:
             key=lambda held: held in self._waiting,
         )
         held = dict(running)
-        for _, outcome in self._recent:
+        for outcome in self._recent:
             held.setdefault(outcome[0], outcome[1])
         for outcome in self._outcomes:
             held.setdefault(outcome[0], outcome[1])
@@ -480,9 +484,12 @@ class Node:
         self._send_outcomes(outcomes)
         now = time.monotonic()
         self._last_sent = now
-        recent = self._recent
-        recent.extend((now, outcome) for outcome in outcomes)
-        while recent and recent[0][0] < now - RECENT_OUTCOMES_S:
+        recent, recent_at = self._recent, self._recent_at
+        recent.extend(outcomes)
+        recent_at.extend(itertools.repeat(now, len(outcomes)))
+        cutoff = now - RECENT_OUTCOMES_S
+        while recent_at and recent_at[0] < cutoff:
+            recent_at.popleft()
             recent.popleft()
 
     def _send_outcomes(self, outcomes: list[Sequence[Any]]) -> None:
@@ -521,7 +528,7 @@ class Node:
     def _resend_recent(self) -> None:
         if self._recent and self._link is not None:
             log.info("re-reporting %d recent outcomes to the broker", len(self._recent))
-            self._send_outcomes([outcome for _, outcome in self._recent])
+            self._send_outcomes(list(self._recent))
 
     async def _shutdown(self) -> None:
         running = [task for _, task in self._running.values()]
