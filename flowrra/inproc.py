@@ -39,6 +39,7 @@ class InprocHub:
         self._inbox: deque[tuple[bytes, Frames]] = deque()
         self._new_topics: list[bytes] = []
         self._links: dict[bytes, _InprocLink] = {}
+        self._all_take_bodies: bool | None = None  # every_peer_takes_bodies, while known
         self._subscribers: list[_InprocSubscriber] = []
 
     # broker side ---------------------------------------------------------------------
@@ -74,7 +75,17 @@ class InprocHub:
 
     @property
     def every_peer_takes_bodies(self) -> bool:
-        return all(link.bodies is not None for link in self._links.values())
+        # Asked several times per broker tick; known until a link opens, closes or changes
+        # its handler (each of which forgets it).
+        known = self._all_take_bodies
+        if known is None:
+            known = self._all_take_bodies = all(
+                link.bodies is not None for link in self._links.values()
+            )
+        return known
+
+    def _links_changed(self) -> None:
+        self._all_take_bodies = None
 
     def send_body(self, peer: bytes, command: Command, body: object) -> bool:
         """Hand ``peer`` a message unencoded (encoded if it takes frames only); False when
@@ -120,9 +131,14 @@ class InprocHub:
 
     def link(self, wakeup: Wakeup) -> Link:
         identity = os.urandom(5)
-        link = _InprocLink(self, identity, wakeup, lambda: self._links.pop(identity))
+        link = _InprocLink(self, identity, wakeup, lambda: self._unlink(identity))
         self._links[identity] = link
+        self._links_changed()
         return link
+
+    def _unlink(self, identity: bytes) -> None:
+        self._links.pop(identity)
+        self._links_changed()
 
     def subscriber(self, publish_endpoint: str, wakeup: Wakeup) -> Subscriber:
         subscriber = _InprocSubscriber(wakeup, self._subscribed, self._subscribers.remove)
@@ -184,13 +200,14 @@ class _InprocLink:
 
     def push_bodies_to(self, handler: BodyHandler) -> bool:
         self.bodies = handler
+        self._hub._links_changed()
         return True
 
     def close(self, linger_ms: int = 0) -> None:
         if not self._closed:
             self._closed = True
             self.push = self.bodies = None
-            self._on_close()
+            self._on_close()  # (the hub forgets the link, and what it knew of all links)
 
 
 class _InprocSubscriber:
