@@ -22,7 +22,7 @@ from flowrra.broker.stats import TaskStats
 from flowrra.broker.store import Durability, LmdbStore, MemoryStore, Store, StoreError
 from flowrra.errors import ProtocolError
 from flowrra.inproc import InprocHub
-from flowrra.protocol import Command, Message, decode
+from flowrra.protocol import FINAL_STATUS_VALUES, Command, Message, decode
 from flowrra.transport import Wakeup
 
 log = logging.getLogger("flowrra.broker")
@@ -105,7 +105,8 @@ class BrokerService:
         self._commit_s = LINGER_MAX_S / 2
         # Clients whose HELLO allowed late acknowledgements, their held ACK items, and
         # until when (time.monotonic()) the oldest of those may wait (see _hold_acks).
-        self._late_ack_peers: dict[bytes, None] = {}
+        # (peer -> its client id prefix, the topic its own results are published on)
+        self._late_ack_peers: dict[bytes, bytes] = {}
         self._held_acks: dict[bytes, list[list[Any]]] = {}
         self._held_until = 0.0
 
@@ -255,7 +256,8 @@ class BrokerService:
         late = self._late_ack_peers
         late.pop(peer, None)
         if isinstance(body, dict) and body.get("late_acks") is True:
-            late[peer] = None
+            client_id = body.get("id")
+            late[peer] = client_id.encode() if isinstance(client_id, str) else b""
             if len(late) > LATE_ACK_PEERS_MAX:
                 del late[next(iter(late))]
 
@@ -285,12 +287,22 @@ class BrokerService:
             self._held_until = time.monotonic() + ACK_HOLD_MAX_S
 
     def _release_acks(self) -> None:
-        """Put the held ACK items back in the outbox, ahead of this tick's (in order)."""
+        """Put the held ACK items back in the outbox, ahead of this tick's (in order),
+        except those whose task's final result this tick publishes on the client's own
+        prefix: a late-ack client takes that result as the acknowledgement (one message
+        less each way)."""
         if not self._held_acks:
             return
-        acks = self.broker.outbox.acks
+        outbox = self.broker.outbox
+        acks, results, late = outbox.acks, outbox.results, self._late_ack_peers
         for peer, items in self._held_acks.items():
-            acks[peer][:0] = items
+            prefix = late.get(peer)
+            records = results.get(prefix) if prefix else None
+            if records:
+                final = {r["task_id"] for r in records if r["status"] in FINAL_STATUS_VALUES}
+                items = [item for item in items if item[1] is not None or item[0] not in final]
+            if items:
+                acks[peer][:0] = items
         self._held_acks = {}
         self._held_until = 0.0
 

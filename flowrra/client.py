@@ -862,6 +862,10 @@ class BrokerClient:
 
     def _deliver(self, record: dict[str, Any]) -> None:
         task_id = record["task_id"]
+        if self.late_acks and task_id in self._acks and task_id.startswith(self.client_id):
+            # A final result of one of our own ids is stored state: it acknowledges the
+            # submit, and the broker may leave that ACK out (late ACKs, protocol.md 4.4).
+            self._on_acks(((task_id, None, None),))
         self._unresolved.pop(task_id, None)
         results = self._results
         results[task_id] = record

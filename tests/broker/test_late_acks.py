@@ -114,6 +114,36 @@ async def test_a_deferred_submit_is_acknowledged_with_its_result(
         await client.confirmed(5.0)  # the ACK came with it
 
 
+async def test_the_published_result_stands_for_the_held_ack(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result, published on the client's own prefix, acknowledges the submit: the
+    broker sends no ACK for it at all (one message less each way)."""
+    monkeypatch.setattr(server, "ACK_HOLD_MAX_S", 30.0)
+    acked: list[str] = []
+    send = ZmqBrokerEndpoint.send
+
+    def recording(self: ZmqBrokerEndpoint, peer: bytes, frames: list[bytes]) -> bool:
+        message = decode(frames)
+        if message.command is Command.ACK:
+            acked.extend(item[0] for item in message.body)
+        return send(self, peer, frames)
+
+    monkeypatch.setattr(ZmqBrokerEndpoint, "send", recording)
+    async with _app(setup.url, confirm_submits=False) as app:
+        task_id = await app.submit(_echo, 5)
+        (dispatch,) = await _next_tasks(setup.node)
+        _report(setup.node, dispatch, 5)
+        assert (await app.wait_for_result(task_id, timeout=5)).result == 5
+        await app._connected().confirmed(5.0)
+        # A later submit's ACK still comes: the one that goes out by the bound.
+        monkeypatch.setattr(server, "ACK_HOLD_MAX_S", 0.01)
+        second = await app.submit(_echo, 6)
+        await app._connected().confirmed(5.0)
+    assert task_id not in acked
+    assert second in acked
+
+
 async def test_a_held_ack_leaves_after_the_bound_without_an_outcome(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
