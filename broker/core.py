@@ -64,6 +64,12 @@ _WAITING = frozenset((TaskStatus.SCHEDULED, TaskStatus.PENDING, TaskStatus.RETRY
 # How long after a failed commit the outcomes it lost are applied again.
 REPLAY_INTERVAL_S = 0.5
 # Commands whose content does not depend on the store (kept when a commit fails).
+# Records per RESULT publication: a tick's results for one client go out in pieces that
+# stay under pyzmq's zero-copy threshold (64 KiB) for small results, so they are copied into
+# libzmq instead of sent without a copy and tracked (each tracked frame wakes pyzmq's
+# garbage-collector thread, which then competes with the loop for the GIL).
+PUBLICATION_RECORDS = 200
+
 _STATELESS = frozenset(
     bytes([c]) for c in (Command.WELCOME, Command.HEARTBEAT, Command.RECONNECT, Command.ERROR)
 )
@@ -111,7 +117,9 @@ class Outbox:
             out.append((peer, protocol.encode(Command.TASKS, items)))
         publications = self.publications
         for topic, records in self.results.items():
-            publications.append(protocol.encode_publication(topic, Command.RESULT, records))
+            for start in range(0, len(records), PUBLICATION_RECORDS):
+                chunk = records[start : start + PUBLICATION_RECORDS]
+                publications.append(protocol.encode_publication(topic, Command.RESULT, chunk))
         self.acks = defaultdict(list)
         self.tasks = defaultdict(list)
         self.messages = []
