@@ -103,9 +103,9 @@ class BrokerService:
         # see _linger), at most about as long as a commit takes (_commit_s, measured).
         self._linger_until = 0.0
         self._commit_s = LINGER_MAX_S / 2
-        # Clients whose HELLO allowed late acknowledgements, their held ACK items, and
-        # until when (time.monotonic()) the oldest of those may wait (see _hold_acks).
-        # (peer -> its client id prefix, the topic its own results are published on)
+        # Clients whose HELLO allowed late acknowledgements (peer -> its client id, the
+        # prefix its own results are published on), their held ACK items, and until when
+        # (time.monotonic()) the oldest of those may wait (see _hold_acks).
         self._late_ack_peers: dict[bytes, bytes] = {}
         self._held_acks: dict[bytes, list[list[Any]]] = {}
         self._held_until = 0.0
@@ -221,14 +221,7 @@ class BrokerService:
             or self._publishes_or_replies()
         ):
             return False
-        # When every ACK of the tick goes to a late-ack client, nobody waits for this
-        # commit (those ACKs would be held for the results anyway, see _hold_acks): wait
-        # for the outcomes for the whole LINGER_MAX_S, not only about one commit.
-        late = self._late_ack_peers
-        if late and all(peer in late for peer in self.broker.outbox.acks):
-            self._linger_until = now + LINGER_MAX_S
-        else:
-            self._linger_until = now + min(self._commit_s, LINGER_MAX_S)
+        self._linger_until = now + min(self._commit_s, LINGER_MAX_S)
         return True
 
     def _fresh_dispatch(self) -> bool:
