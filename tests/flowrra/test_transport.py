@@ -78,3 +78,39 @@ async def test_known_empty_drain_skips_the_events_check_and_misses_nothing(
     watched.sent()
     assert watched.drain(100) == [[b"reply-2"]]
     assert checks > before
+
+
+async def test_a_wakeup_times_out_and_keeps_one_timer() -> None:
+    loop = asyncio.get_running_loop()
+    wakeup = Wakeup()
+    started = loop.time()
+    await wakeup.wait(0.05)  # nothing sets it: the timeout ends it
+    assert loop.time() - started >= 0.04
+    # A long wait arms a timer; a set ends the wait and the timer stays armed.
+    waiting = asyncio.create_task(wakeup.wait(30.0))
+    await asyncio.sleep(0)
+    wakeup.set()
+    await asyncio.wait_for(waiting, 5)
+    # A shorter wait after it is not held to the longer timer: it ends by its own timeout.
+    started = loop.time()
+    await asyncio.wait_for(wakeup.wait(0.05), 5)
+    assert loop.time() - started < 5
+    # Set before the wait: it returns at once.
+    wakeup.set()
+    await asyncio.wait_for(wakeup.wait(30.0), 1)
+
+
+def test_a_wakeup_times_out_on_a_second_event_loop() -> None:
+    """A timer armed on a loop that is gone must not stand for the next loop's timeout."""
+    wakeup = Wakeup()
+
+    async def wait_then_set() -> None:
+        waiting = asyncio.create_task(wakeup.wait(0.2))  # its timer stays armed on this loop
+        await asyncio.sleep(0)
+        wakeup.set()
+        await waiting
+
+    asyncio.run(wait_then_set())
+    # Due later than the dead loop's timer: a timer of its own is armed, so it times out
+    # (without one it would wait for good, and wait_for would raise).
+    asyncio.run(asyncio.wait_for(wakeup.wait(0.3), 5))
