@@ -546,45 +546,29 @@ def _submission(item: Sequence[Any]) -> Submission:
         eta, deadline = item[8], item[9]
         _expect(eta is None or _is_number(eta), "bad eta")
         _expect(deadline is None or _is_number(deadline), "bad expires")
-    # One combined check on the hot path; the slow path below says what was wrong.
-    if (
-        type(task_id) is str
-        and 0 < len(task_id) <= MAX_TASK_ID_CHARS
-        and type(name) is str
-        and 0 < len(name) <= MAX_TASK_NAME_CHARS
-        and type(priority) is int
-        and MIN_PRIORITY <= priority <= MAX_PRIORITY
-        and type(payload) is bytes
-        and type(max_retries) is int
-        and 0 <= max_retries <= MAX_RETRIES
-        and _is_number(retry_delay)
-        and retry_delay >= 0
-        and (timeout is None or (_is_number(timeout) and timeout > 0))
-        and _is_number(submitted_at)
-        and len(task_id.encode()) <= MAX_TASK_ID_BYTES
-    ):
-        return Submission(
-            task_id,
-            name,
-            priority,
-            payload,
-            max_retries,
-            float(retry_delay),
-            None if timeout is None else float(timeout),
-            float(submitted_at),
-            None if eta is None else float(eta),
-            None if deadline is None else float(deadline),
-        )
-    _expect(isinstance(task_id, str) and 0 < len(task_id) <= MAX_TASK_ID_CHARS, "bad task id")
+    # The usual 8-field item never gets here (split_submit checks it inline): this is the
+    # full check, which says what was wrong.
+    _expect(type(task_id) is str and 0 < len(task_id) <= MAX_TASK_ID_CHARS, "bad task id")
     _expect(len(task_id.encode()) <= MAX_TASK_ID_BYTES, "task id longer than 200 bytes")
-    _expect(isinstance(name, str) and 0 < len(name) <= MAX_TASK_NAME_CHARS, "bad task name")
-    _expect(_is_int(priority) and MIN_PRIORITY <= priority <= MAX_PRIORITY, "bad priority")
-    _expect(isinstance(payload, bytes), "payload must be bytes")
-    _expect(_is_int(max_retries) and 0 <= max_retries <= MAX_RETRIES, "bad max_retries")
+    _expect(type(name) is str and 0 < len(name) <= MAX_TASK_NAME_CHARS, "bad task name")
+    _expect(type(priority) is int and MIN_PRIORITY <= priority <= MAX_PRIORITY, "bad priority")
+    _expect(type(payload) is bytes, "payload must be bytes")
+    _expect(type(max_retries) is int and 0 <= max_retries <= MAX_RETRIES, "bad max_retries")
     _expect(_is_number(retry_delay) and retry_delay >= 0, "bad retry_delay")
     _expect(_optional_number(timeout) and (timeout is None or timeout > 0), "bad timeout")
     _expect(_is_number(submitted_at), "bad submitted_at")
-    raise ProtocolError("bad SUBMIT item")
+    return Submission(
+        task_id,
+        name,
+        priority,
+        payload,
+        max_retries,
+        float(retry_delay),
+        None if timeout is None else float(timeout),
+        float(submitted_at),
+        None if eta is None else float(eta),
+        None if deadline is None else float(deadline),
+    )
 
 
 def parse_task_ids(body: object, command: str) -> list[str]:
