@@ -56,19 +56,27 @@ def report_progress(current: float, total: float | None = None, message: str | N
 
 
 class Throttle:
-    """Passes on at most one report per interval; keeps the latest in between."""
+    """Passes on at most one report per interval; keeps the latest in between.
+
+    Reports go to ``send``, or to :meth:`_send` of a subclass that overrides it instead."""
+
+    __slots__ = ("_clock", "_interval_s", "_last_sent", "_sink", "pending")
 
     def __init__(
         self,
-        send: Sink,
+        send: Sink | None = None,
         interval_s: float = PROGRESS_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._send = send
+        self._sink = send
         self._interval_s = interval_s
         self._clock = clock
         self._last_sent = -math.inf
         self.pending: Progress | None = None
+
+    def _send(self, progress: Progress) -> None:
+        assert self._sink is not None, "give a send, or override _send"
+        self._sink(progress)
 
     def __call__(self, progress: Progress) -> None:
         now = self._clock()

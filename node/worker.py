@@ -14,7 +14,6 @@ import contextvars
 import functools
 import itertools
 import logging
-import math
 import os
 import socket
 import time
@@ -29,7 +28,7 @@ from flowrra import protocol, tracing
 from flowrra.errors import ProtocolError, RemoteTaskError, TaskTimeoutError
 from flowrra.node.heartbeat import HeartbeatThread
 from flowrra.node.process_pool import FunctionRef, ProcessPool
-from flowrra.progress import PROGRESS_INTERVAL_S, Progress, current_sink
+from flowrra.progress import PROGRESS_INTERVAL_S, Progress, Throttle, current_sink
 from flowrra.protocol import Command, Dispatch, ErrorInfo, Outcome, SlotKind
 from flowrra.task import TaskSpec
 from flowrra.transport import Connector, Link, Wakeup, ZmqConnector
@@ -543,36 +542,27 @@ class Node:
         log.info("node %s stopped", self.node_id)
 
 
-class _ProgressSink:
+class _ProgressSink(Throttle):
     """Where report_progress() of an attempt on this node's loop (or in one of its threads)
-    lands: at most one report per PROGRESS_INTERVAL_S is handed to the loop, the others are
-    held (as :class:`flowrra.progress.Throttle` does). One object per attempt instead of a
-    throttle, a lambda and a closure with its cells: set for every attempt, and nearly
-    always unused."""
+    lands: a :class:`~flowrra.progress.Throttle` that hands what it passes on to the loop.
+    One object per attempt, instead of a throttle, a lambda and a closure with its cells:
+    set for every attempt, and nearly always unused."""
 
-    __slots__ = ("_attempt", "_last_sent", "_loop", "_node", "_task_id", "pending")
+    __slots__ = ("_attempt", "_loop", "_node", "_task_id")
 
     def __init__(
         self, node: Node, loop: asyncio.AbstractEventLoop, task_id: str, attempt: int
     ) -> None:
+        super().__init__()
         self._node = node
         self._loop = loop
         self._task_id = task_id
         self._attempt = attempt
-        self._last_sent = -math.inf
-        self.pending: Progress | None = None
 
-    def __call__(self, progress: Progress) -> None:
-        now = time.monotonic()
-        if now - self._last_sent >= PROGRESS_INTERVAL_S:
-            self._last_sent = now
-            self.pending = None
-            node = self._node
-            self._loop.call_soon_threadsafe(
-                node._note_progress, self._task_id, self._attempt, progress
-            )
-        else:
-            self.pending = progress
+    def _send(self, progress: Progress) -> None:
+        self._loop.call_soon_threadsafe(
+            self._node._note_progress, self._task_id, self._attempt, progress
+        )
 
 
 def _format_traceback() -> str | None:
