@@ -149,11 +149,6 @@ class InprocHub:
         self._inbox.append((identity, frames))
         self._arrived()
 
-    def _deliver_body(self, identity: bytes, command: Command, body: object) -> None:
-        process = self.process_body
-        if process is None or not process(identity, command, body):
-            self._deliver(identity, encode(command, body))
-
     def _subscribed(self, topic: bytes) -> None:
         self._new_topics.append(topic)
         self._arrived()
@@ -188,7 +183,10 @@ class _InprocLink:
 
     def send_body(self, command: Command, body: object) -> bool:
         if not self._closed:
-            self._hub._deliver_body(self.identity, command, body)
+            hub = self._hub
+            process = hub.process_body
+            if process is None or not process(self.identity, command, body):
+                hub._deliver(self.identity, encode(command, body))
         return True
 
     def drain(self, limit: int) -> list[Frames]:

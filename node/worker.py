@@ -404,10 +404,13 @@ class Node:
         if not self._flush_scheduled:
             # Nothing else waits to go: send it now (in-process, the broker records it and
             # the waiting client has it before this returns), and batch what ends later in
-            # this loop iteration.
+            # this loop iteration. Only an attempt running now can end later in it (one
+            # dispatched now starts in the next): with none, there is nothing to batch, and
+            # no callback to run (in-process, one sequential round trip after another).
             self._flush()
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._running:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
     async def _call(self, dispatch: Dispatch, started: list[float]) -> bytes:
         spec = self.specs.get(dispatch.name)
@@ -480,7 +483,10 @@ class Node:
         if not self._outcomes or self._link is None:
             return  # sent on the next link once it exists
         outcomes, self._outcomes = self._outcomes, []
-        self._send_outcomes(outcomes)
+        if len(outcomes) == 1:
+            self._send_results(outcomes)  # one outcome always fits (see _execute's limit)
+        else:
+            self._send_outcomes(outcomes)
         now = time.monotonic()
         self._last_sent = now
         recent, recent_at = self._recent, self._recent_at
