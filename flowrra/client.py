@@ -191,12 +191,16 @@ class BrokerClient:
         self._in_process = False  # the link hands messages over unencoded (flowrra.inproc)
         self._burst = 0
         self._closed = False
+        # Set by connect: the loop this client runs on (asked once, not per submit and
+        # wait), and the largest payload a submit may carry under the broker's bound.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._payload_limit = _payload_limit(protocol.MAX_MESSAGE_BYTES)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def connect(self) -> None:
         """Handshake with the broker and make the result subscription live."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._link = self._connector.link(self._wakeup)
         # In-process: replies handled as they are sent, the hot ones never encoded.
         self._link.push_to(self._on_reply)
@@ -209,6 +213,7 @@ class BrokerClient:
         self._link.send(protocol.encode(Command.HELLO, hello))
         try:
             self.welcome = await asyncio.wait_for(self._welcome, self.connect_timeout_s)
+            self._payload_limit = _payload_limit(self.welcome.max_message_bytes)
             self._subscriber = self._connector.subscriber(
                 self.welcome.publish_endpoint, self._wakeup
             )
@@ -295,16 +300,15 @@ class BrokerClient:
         self._check_open()
         if not submissions:
             return
-        # Headroom for the message envelope and the other fields of the submission.
-        max_bytes = self.max_message_bytes
-        limit = max_bytes - min(4096, max_bytes // 8)
+        limit = self._payload_limit
         for sub in submissions:
             if len(sub.payload) > limit:
                 raise MessageTooLargeError(
                     f"task {sub.name} arguments encode to {len(sub.payload)} bytes; "
                     f"the broker accepts messages up to {self.max_message_bytes} bytes"
                 )
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # (connected: _check_open)
         batched = self._flush_scheduled or not self._in_process
         shared = self._batch_wait if batched and not confirm else None
         if shared is not None:
@@ -341,7 +345,11 @@ class BrokerClient:
             # it, and the client's resend after the restart runs it a second time
             # (tests/durability/test_deferred_confirm.py found it).
             self._schedule_flush()
-            self._send_batches(wires)
+            if len(wires) <= SUBMIT_BATCH:
+                assert self._link is not None  # (a link that takes bodies, in-process)
+                self._link.send_body(_SUBMIT, wires)
+            else:
+                self._send_batches(wires)
         if not confirm:
             if shared is None and not wait.done:  # (in-process it usually is)
                 future = wait.pending()
@@ -454,7 +462,8 @@ class BrokerClient:
         completes (TimeoutError after ``timeout_s``). A future rather than a coroutine: one
         object and one frame less per waiting task."""
         self._check_open()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # (connected: _check_open)
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         cached = self._results.get(task_id)
         if cached is not None:
@@ -583,7 +592,8 @@ class BrokerClient:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -694,16 +704,19 @@ class BrokerClient:
 
     def _on_body(self, command: Command, body: Any) -> None:
         """A reply the in-process broker handed over unencoded (not validated again)."""
-        self._on_message(command, body, check=False)
+        if command is _ACK:  # its own [task_id, error(, code)] items
+            self._on_acks(body)
+        else:
+            self._on_message(command, body, check=False)
 
     def _on_message(self, command: Command, body: Any, *, check: bool = True) -> None:
         """One reply from the broker (decoded from the wire, or handed over in-process)."""
         try:
             if command is _ACK:
                 if check:
-                    self._on_acks((a.task_id, a.error, a.code) for a in protocol.parse_ack(body))
-                else:  # the in-process broker's own [task_id, error(, code)] items
-                    self._on_acks((a[0], a[1], a[2] if len(a) > 2 else None) for a in body)
+                    self._on_acks([(a.task_id, a.error, a.code) for a in protocol.parse_ack(body)])
+                else:
+                    self._on_acks(body)
             elif command is Command.STATE:
                 self._on_state(body)
             elif command is Command.ADMIN_REPLY:
@@ -726,16 +739,20 @@ class BrokerClient:
         except ProtocolError as exc:
             log.warning("ignored a malformed reply from the broker: %s", exc)
 
-    def _on_acks(self, acks: Iterable[tuple[str, str | None, str | None]]) -> None:
-        """(task id, error, code) per acknowledged submission."""
+    def _on_acks(self, acks: Iterable[Sequence[Any]]) -> None:
+        """``[task id, error(, code)]`` per acknowledged submission (the broker's ACK items,
+        the code left out of most)."""
         pending = self._acks
         unacked = self._unacked
-        for task_id, error, code in acks:
+        for ack in acks:
+            task_id = ack[0]
             unacked.pop(task_id, None)
             wait = pending.pop(task_id, None)
             if wait is None:
                 continue  # a duplicate acknowledgement
+            error = ack[1]
             if error is not None:
+                code = ack[2] if len(ack) > 2 else None
                 if wait.error is None:
                     wait.error = f"task {task_id}: {error}"
                     wait.conflict = code == protocol.ACK_CONFLICT
@@ -880,6 +897,12 @@ class BrokerClient:
             for future in self._drop_waiters(task_id):
                 if not future.done():
                     future.set_result(record)
+
+
+def _payload_limit(max_message_bytes: int) -> int:
+    """The largest payload of a submit: headroom is kept for the message envelope and the
+    submission's other fields."""
+    return max_message_bytes - min(4096, max_message_bytes // 8)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
