@@ -1336,9 +1336,11 @@ class Broker:
         next_slot = self.schedules.next_due()
         if next_slot is not None and next_slot <= now:
             self.fire_schedules(now)
-        self.dispatch(now)
+        if len(self.queues):  # (an empty queue, as after most results: no dispatch pass)
+            self.dispatch(now)
         self.workflows.flush()
-        self._store_order()
+        if self._order_dirty:
+            self._store_order()
         self.repo.end_tick()
         self._ticks += 1
 

@@ -23,9 +23,9 @@ Big-endian integers sort numerically as LMDB keys, so every index is a cursor sc
 Records decoded or written during a tick are kept until :meth:`end_tick`, so a record
 accepted and dispatched in the same tick is decoded zero times. Over the in-memory store
 (the embedded default) a record is stored as its immutable :meth:`TaskRecord.snapshot`
-instead of its encoding: a later tick builds a new object from it, so changing a record in
-place never changes what is stored, and a rolled-back tick leaves the stored records as
-they were.
+(a history entry as its :class:`Attempt`) instead of its encoding: a later tick builds a
+new object from it, so changing a record in place never changes what is stored, and a
+rolled-back tick leaves the stored records as they were.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ class TaskRepository:
         self._memory = store if isinstance(store, MemoryStore) else None
         if self._memory is not None:
             self._memory.keep_objects(_TASKS, TaskRecord.encode_snapshot)
+            # History entries too: an Attempt is a tuple of immutable values.
+            self._memory.keep_objects(_HISTORY, encode_attempt)
         self._records: dict[str, TaskRecord] = {}  # this tick's decoded or written records
         # Queue entries of tasks added this tick (new orders, never committed) -> task id.
         self._fresh: dict[int, str] = {}
@@ -149,7 +151,10 @@ class TaskRepository:
         """Append the end of the record's current attempt to its history."""
         # Every dispatch has a new attempt number, and each attempt ends once.
         key = _history_prefix(record.task_id.encode()) + _U32.pack(record.attempt & 0xFFFFFFFF)
-        self.store.put(_HISTORY, key, encode_attempt(entry))
+        if self._memory is not None:
+            self._memory.put_object(_HISTORY, key, entry)
+        else:
+            self.store.put(_HISTORY, key, encode_attempt(entry))
 
     def save_payload(self, record: TaskRecord) -> None:
         """Rewrite a task's arguments (a workflow step handing its result on)."""
