@@ -329,12 +329,16 @@ class BrokerService:
 
     def _process(self, first: tuple[bytes, Message] | None) -> None:
         self._processing = True
-        broker, endpoint = self.broker, self.endpoint
+        broker, hub = self.broker, self._hub
+        assert hub is not None  # (only the in-process hub calls process_now/process_body)
         try:
             while True:
-                messages, topics = endpoint.drain(DRAIN_LIMIT)
-                if first is None and not messages and not topics and not broker.holds_released:
+                if hub.has_input():
+                    messages, topics = hub.drain(DRAIN_LIMIT)
+                elif first is None and not broker.holds_released:
                     return
+                else:
+                    messages, topics = [], []
                 now = self.clock()
                 for peer, frames in messages:
                     broker.handle(peer, frames, now)
@@ -348,10 +352,13 @@ class BrokerService:
                     if self._failing_since is None:
                         self._send_dispatches(now)
                     self._commit_now()
-                if broker.outbox:
-                    self._flush(now)
+                self._flush(now)
                 if now + broker.seconds_until_due(now) < self._sleeping_until:
                     self.wakeup.set()  # something is due before the loop would wake
+                # Another pass only for what this one's sends brought (a nested send is
+                # queued while this stack processes) or for released workflow steps.
+                if not (hub.has_input() or broker.holds_released):
+                    return
         finally:
             self._processing = False
 
@@ -419,7 +426,9 @@ class BrokerService:
 
     def _send_dispatches(self, now: float) -> None:
         outbox = self.broker.outbox
-        direct = self._take_direct(outbox.tasks)
+        if not outbox.tasks and not outbox.messages:
+            return
+        direct = self._take_direct(outbox.tasks) if outbox.tasks else None
         if outbox.tasks or outbox.messages:
             send = self.endpoint.send
             for peer, frames in outbox.take_dispatches():
@@ -430,25 +439,35 @@ class BrokerService:
             self._send_bodies(Command.TASKS, direct, now)
 
     def _flush(self, now: float) -> None:
+        """Send what the tick's outbox holds (after its commit), in order: replies and
+        other messages, ACKs, TASKS, publications, RESULT records."""
         outbox = self.broker.outbox
-        acks = self._take_direct(outbox.acks)
-        tasks = self._take_direct(outbox.tasks)
-        results: dict[bytes, list[dict[str, Any]]] = {}
-        if self._hub is not None and outbox.results:
-            results, outbox.results = outbox.results, defaultdict(list)
-        messages, publications = outbox.take() if outbox else ([], [])
-        send = self.endpoint.send
-        for peer, frames in messages:
-            if not send(peer, frames):
-                self.broker.peer_unreachable(peer, now)
-                self.wakeup.set()  # its tasks were re-queued: dispatch them next tick
+        acks = tasks = None
+        results: dict[bytes, list[dict[str, Any]]] | None = None
+        if self._hub is not None:  # in-process peers take their bodies unencoded
+            if outbox.acks:
+                acks = self._take_direct(outbox.acks)
+            if outbox.tasks:
+                tasks = self._take_direct(outbox.tasks)
+            if outbox.results:
+                results, outbox.results = outbox.results, defaultdict(list)
+        if outbox:
+            messages, publications = outbox.take()
+            send = self.endpoint.send
+            for peer, frames in messages:
+                if not send(peer, frames):
+                    self.broker.peer_unreachable(peer, now)
+                    self.wakeup.set()  # its tasks were re-queued: dispatch them next tick
+        else:
+            publications = []
         if acks:
             self._send_bodies(Command.ACK, acks, now)
         if tasks:
             self._send_bodies(Command.TASKS, tasks, now)
-        publish = self.endpoint.publish
-        for frames in publications:
-            publish(frames)
+        if publications:
+            publish = self.endpoint.publish
+            for frames in publications:
+                publish(frames)
         if results:
             assert self._hub is not None
             publish_body = self._hub.publish_body
@@ -458,7 +477,7 @@ class BrokerService:
     def _take_direct(self, table: dict[bytes, list[list[Any]]]) -> list[tuple[bytes, Any]]:
         """Take the items bound for in-process peers that take them unencoded."""
         hub = self._hub
-        if hub is None or not table:
+        if hub is None:
             return []
         if hub.every_peer_takes_bodies:
             direct = list(table.items())

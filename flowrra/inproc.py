@@ -57,6 +57,11 @@ class InprocHub:
         topics, self._new_topics = self._new_topics, []
         return messages, topics
 
+    def has_input(self) -> bool:
+        """Something waits to be drained (every arrival also sets the broker's wakeup, or
+        runs :attr:`process_now`)."""
+        return bool(self._inbox or self._new_topics)
+
     def send(self, peer: bytes, frames: Frames) -> bool:
         link = self._links.get(peer)
         if link is None:
