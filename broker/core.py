@@ -536,23 +536,22 @@ class Broker:
             self.counters["malformed"] += 1
             log.warning("dropped a malformed message from %s: %s", peer.hex(), exc)
             return
-        self.handle_message(peer, message, now)
+        self.handle_message(peer, message.command, message.body, now)
 
-    def handle_message(self, peer: bytes, message: protocol.Message, now: float) -> None:
-        """Process one decoded message (in-process peers hand them over unencoded); its
-        body is validated as on the wire."""
+    def handle_message(self, peer: bytes, command: Command, body: object, now: float) -> None:
+        """Process one decoded message (in-process peers hand theirs over unencoded, with no
+        Message around them); its body is validated as on the wire."""
         try:
-            self._dispatch_command(peer, message, now)
+            self._dispatch_command(peer, command, body, now)
         except ProtocolError as exc:
             self.counters["malformed"] += 1
-            log.warning("dropped a malformed %s from %s: %s", message.command.name, peer.hex(), exc)
+            log.warning("dropped a malformed %s from %s: %s", command.name, peer.hex(), exc)
         except Exception:
             # A last line of defence: one bad message must not end the broker.
             self.counters["handler_errors"] += 1
-            log.exception("error handling %s from %s; dropped", message.command.name, peer.hex())
+            log.exception("error handling %s from %s; dropped", command.name, peer.hex())
 
-    def _dispatch_command(self, peer: bytes, message: protocol.Message, now: float) -> None:
-        command, body = message.command, message.body
+    def _dispatch_command(self, peer: bytes, command: Command, body: object, now: float) -> None:
         if command is _SUBMIT:
             valid, rejected = protocol.split_submit(body)
             self.accept(peer, valid, now)

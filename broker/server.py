@@ -22,7 +22,7 @@ from flowrra.broker.stats import TaskStats
 from flowrra.broker.store import Durability, LmdbStore, MemoryStore, Store, StoreError
 from flowrra.errors import ProtocolError
 from flowrra.inproc import InprocHub
-from flowrra.protocol import FINAL_STATUS_VALUES, Command, Message, decode
+from flowrra.protocol import FINAL_STATUS_VALUES, Command, decode
 from flowrra.transport import Wakeup
 
 log = logging.getLogger("flowrra.broker")
@@ -324,10 +324,10 @@ class BrokerService:
         message encoded, for the tick that is under way."""
         if self._processing or self._stopping:
             return False
-        self._process((peer, Message(command, body)))
+        self._process((peer, command, body))
         return True
 
-    def _process(self, first: tuple[bytes, Message] | None) -> None:
+    def _process(self, first: tuple[bytes, Command, Any] | None) -> None:
         self._processing = True
         broker, hub = self.broker, self._hub
         assert hub is not None  # (only the in-process hub calls process_now/process_body)
@@ -343,7 +343,7 @@ class BrokerService:
                 for peer, frames in messages:
                     broker.handle(peer, frames, now)
                 if first is not None:
-                    broker.handle_message(first[0], first[1], now)
+                    broker.handle_message(first[0], first[1], first[2], now)
                     first = None
                 for topic in topics:
                     broker.handle_subscription(topic)
