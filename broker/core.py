@@ -924,17 +924,17 @@ class Broker:
         then, on nodes whose cpu slots are all busy, one task per slot to run next (dispatched
         ahead, so that a worker process does not idle for a round trip between two tasks)."""
         queues = self.queues
-        if not len(queues) or now < self._dispatch_after:
+        if not queues.size or now < self._dispatch_after:
             return
         nodes = self.nodes.with_credit()
         limits = self.limits
         limited = bool(limits)  # (asked once: Limits.__bool__ is a call, and no node joins here)
         held: set[str] = set()  # names whose best task may not wait on a node (this tick)
         for ahead in (False, True):
-            if ahead and not (self.nodes.cpu_prefetch and len(queues)):
+            if ahead and not (self.nodes.cpu_prefetch and queues.size):
                 return
             current = nodes
-            while current and len(queues):
+            while current and queues.size:
                 still: list[NodeState] = []
                 for node in current:
                     took = False
@@ -958,7 +958,7 @@ class Broker:
                                 continue
                             if limited:  # names at their fleet-wide limit wait, queued
                                 names = tuple(n for n in names if limits.allows(n, now))
-                        if names:
+                        if names and queues.size:  # (a cpu slot after the last task)
                             picked = queues.pop_best(names)
                             if picked is None:
                                 continue
@@ -1047,7 +1047,7 @@ class Broker:
             if node is not None:
                 node.leases.discard(outcome.task_id)
                 self._slot_back(node, lease.kind, outcome.task_id, outcome.attempt, now)
-                if outcome.ok:
+                if outcome.error is None:
                     node.tasks_done += 1
                 else:
                     node.tasks_failed += 1
@@ -1335,7 +1335,7 @@ class Broker:
         next_slot = self.schedules.next_due()
         if next_slot is not None and next_slot <= now:
             self.fire_schedules(now)
-        if len(self.queues):  # (an empty queue, as after most results: no dispatch pass)
+        if self.queues.size:  # (an empty queue, as after most results: no dispatch pass)
             self.dispatch(now)
         self.workflows.flush()
         if self._order_dirty:
@@ -1356,9 +1356,10 @@ class Broker:
             wait = min(wait, self._replay_after - now)
         if self._held:
             wait = 0.0  # the next tick queues them
-        if now < self._dispatch_after and len(self.queues):
+        queued = self.queues.size
+        if queued and now < self._dispatch_after:
             wait = min(wait, self._dispatch_after - now)
-        if self.limits and len(self.queues):
+        if queued and self.limits:
             waiting = [n for n in self.limits.names if self.queues.has_work((n,))]
             opening = self.limits.next_opening(now, waiting)
             if opening is not None:

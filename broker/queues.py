@@ -32,21 +32,25 @@ class TaskQueues:
 
     def __init__(self) -> None:
         self._heaps: dict[str, list[int]] = {}
-        self._size = 0
+        # How many tasks are queued (what len() says; an attribute for the broker's tick,
+        # which asks several times per pass and needs no call for it).
+        self.size = 0
         self._by_priority: dict[int, int] = {}
         # Entries taken out of the middle of a heap (cancelled, expired): skipped when they
         # reach its top, so a removal costs O(1) instead of rebuilding the heap.
         self._discarded: set[int] = set()
 
     def __len__(self) -> int:
-        return self._size
+        return self.size
 
     def push(self, name: str, priority: int, order: int) -> None:
         """Queue a task; ``order`` breaks ties within a priority (lower runs first)."""
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY or not 0 <= order <= _ORDER_MASK:
             raise ValueError(f"priority {priority} or order {order} out of range")
-        heapq.heappush(self._heaps.setdefault(name, []), queue_key(priority, order))
-        self._size += 1
+        # (queue_key inline: one call less per task)
+        key = ((MAX_PRIORITY - priority) << _ORDER_BITS) | order
+        heapq.heappush(self._heaps.setdefault(name, []), key)
+        self.size += 1
         self._by_priority[priority] = self._by_priority.get(priority, 0) + 1
 
     def discard(self, name: str, priority: int, order: int) -> bool:
@@ -62,7 +66,7 @@ class TaskQueues:
         return True
 
     def _count_out(self, priority: int) -> None:
-        self._size -= 1
+        self.size -= 1
         remaining = self._by_priority[priority] - 1
         if remaining:
             self._by_priority[priority] = remaining
@@ -93,9 +97,9 @@ class TaskQueues:
             self._skip_discarded(best_name, heap)
         elif not heap:
             del heaps[best_name]
-        priority, order = split_key(best)
+        priority = MAX_PRIORITY - (best >> _ORDER_BITS)  # (split_key inline)
         self._count_out(priority)
-        return best_name, priority, order
+        return best_name, priority, best & _ORDER_MASK
 
     def remove(self, priority: int | None = None) -> list[tuple[str, int, int]]:
         """Remove every queued task (of one priority, if given); returns what was removed."""

@@ -331,9 +331,10 @@ class BrokerService:
         self._processing = True
         broker, hub = self.broker, self._hub
         assert hub is not None  # (only the in-process hub calls process_now/process_body)
+        pending = hub.has_input()
         try:
             while True:
-                if hub.has_input():
+                if pending:
                     messages, topics = hub.drain(DRAIN_LIMIT)
                 elif first is None and not broker.holds_released:
                     return
@@ -357,7 +358,8 @@ class BrokerService:
                     self.wakeup.set()  # something is due before the loop would wake
                 # Another pass only for what this one's sends brought (a nested send is
                 # queued while this stack processes) or for released workflow steps.
-                if not (hub.has_input() or broker.holds_released):
+                pending = hub.has_input()
+                if not pending and not broker.holds_released:
                     return
         finally:
             self._processing = False
@@ -382,7 +384,9 @@ class BrokerService:
             return
         # How long a commit takes (fsync and the hand-off), smoothed: the linger's bound.
         self._commit_s += (time.monotonic() - started - self._commit_s) / 8
-        self._committed()
+        self.broker.committed()
+        if self._failing_since is not None:
+            self._recovered()
 
     def _commit_now(self) -> None:
         try:
@@ -390,17 +394,20 @@ class BrokerService:
         except (StoreError, OSError) as exc:
             self._commit_failed(exc)
             return
-        self._committed()
-
-    def _committed(self) -> None:
         self.broker.committed()
         if self._failing_since is not None:
-            log.warning(
-                "the store accepts writes again, after %d failed commits in %.1fs",
-                self._failed_commits,
-                self.clock() - self._failing_since,
-            )
-            self._failing_since = None
+            self._recovered()
+
+    def _recovered(self) -> None:
+        """The first good commit after failed ones (the callers test _failing_since: no
+        call per good commit)."""
+        assert self._failing_since is not None
+        log.warning(
+            "the store accepts writes again, after %d failed commits in %.1fs",
+            self._failed_commits,
+            self.clock() - self._failing_since,
+        )
+        self._failing_since = None
 
     def _commit_failed(self, exc: Exception) -> None:
         """Nothing of this tick reached the disk (a full or failing disk, see

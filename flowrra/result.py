@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, fields, make_dataclass
-from typing import Any, cast
+from typing import Any
 
 from flowrra.progress import Progress
 from flowrra.protocol import TaskStatus, unpack_value
@@ -60,7 +60,7 @@ class TaskResult:
             record["progress"],
         )
         build = cls if cls is not TaskResult or _Builder is None else _Builder
-        result = build(
+        result: TaskResult = build(
             record["task_id"],
             record["task_name"],
             _STATUSES[record["status"]],
@@ -76,7 +76,7 @@ class TaskResult:
         )
         if build is not cls:
             result.__class__ = TaskResult  # it is one now: same slots, frozen again
-        return cast(TaskResult, result)
+        return result
 
 
 def _builder() -> type | None:
