@@ -150,7 +150,8 @@ class TaskRepository:
     def record_attempt(self, record: TaskRecord, entry: Attempt) -> None:
         """Append the end of the record's current attempt to its history."""
         # Every dispatch has a new attempt number, and each attempt ends once.
-        key = _history_prefix(record.task_id.encode()) + _U32.pack(record.attempt & 0xFFFFFFFF)
+        task_id = record.task_id.encode()  # (_history_prefix inline)
+        key = bytes((len(task_id),)) + task_id + _U32.pack(record.attempt & 0xFFFFFFFF)
         if self._memory is not None:
             self._memory.put_object(_HISTORY, key, entry)
         else:

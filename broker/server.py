@@ -458,7 +458,8 @@ class BrokerService:
                 tasks = self._take_direct(outbox.tasks)
             if outbox.results:
                 results, outbox.results = outbox.results, defaultdict(list)
-        if outbox:
+        # (bool(outbox), inline: after the hand-outs above its tables are usually empty)
+        if outbox.messages or outbox.publications or outbox.acks or outbox.tasks or outbox.results:
             messages, publications = outbox.take()
             send = self.endpoint.send
             for peer, frames in messages:
