@@ -16,6 +16,7 @@ when there is nothing left, so work is batched per event-loop tick.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -78,7 +79,9 @@ class Wakeup:
     :meth:`wait` may return before its timeout without :meth:`set` (its callers loop and
     look again): the timer of an earlier wait is kept while it is due no later than the new
     one, instead of a timer made and cancelled per wait (2.3 us of each wait under asyncio's
-    own loop, 0.7 us under uvloop).
+    own loop, 0.7 us under uvloop). A timeout is rounded up to whole milliseconds, the
+    resolution of both loops' timers (see :meth:`wait`), so it may also return up to 1 ms
+    after it.
     """
 
     __slots__ = ("_flag", "_timer", "_timer_due", "_timer_loop", "_waiter")
@@ -106,12 +109,19 @@ class Wakeup:
         waiter = loop.create_future()
         self._waiter = waiter
         if timeout_s is not None:
-            due = loop.time() + max(timeout_s, 0.0)
+            # Whole milliseconds, rounded up: uvloop rounds a timer's delay to the nearest
+            # one, so a 0.4 ms timer fires at once, and a caller waiting for a deadline less
+            # than 0.5 ms away spun until it passed (20 broker ticks per full-durability W2
+            # round, in its linger). asyncio's epoll rounds a timeout up to them anyway.
+            delay_s = math.ceil(max(timeout_s, 0.0) * 1000.0) / 1000.0
+            due = loop.time() + delay_s
             timer = self._timer
             if timer is None or due < self._timer_due or self._timer_loop is not loop:
                 if timer is not None:
                     timer.cancel()
-                self._timer = loop.call_at(due, self._expired)
+                # call_later, not call_at: uvloop would take the delay back from `due` by a
+                # subtraction, which can land below the half millisecond.
+                self._timer = loop.call_later(delay_s, self._expired)
                 self._timer_due, self._timer_loop = due, loop
         try:
             await waiter

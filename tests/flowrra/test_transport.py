@@ -4,6 +4,7 @@ never misses an arrival (the FD's callback, or a send, makes it ask again)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -114,3 +115,24 @@ def test_a_wakeup_times_out_on_a_second_event_loop() -> None:
     # Due later than the dead loop's timer: a timer of its own is armed, so it times out
     # (without one it would wait for good, and wait_for would raise).
     asyncio.run(asyncio.wait_for(wakeup.wait(0.3), 5))
+
+
+def test_a_sub_millisecond_wakeup_timeout_is_one_timer_under_uvloop() -> None:
+    """uvloop rounds a timer's delay to whole milliseconds: a 0.4 ms timer fired at once,
+    so a loop waiting for a sub-millisecond deadline (the broker's linger) spun until it
+    passed. The timeout is rounded up instead: one wait, no early return."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> tuple[int, float]:
+        wakeup = Wakeup()
+        waits = 0
+        started = time.monotonic()
+        deadline = started + 0.0004
+        while time.monotonic() < deadline:  # the linger's loop: wait, look again
+            await wakeup.wait(deadline - time.monotonic())
+            waits += 1
+        return waits, time.monotonic() - started
+
+    waits, elapsed_s = uvloop.run(main())
+    assert waits == 1
+    assert elapsed_s >= 0.0004
