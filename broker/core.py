@@ -1019,6 +1019,7 @@ class Broker:
         """Record attempt outcomes; outcomes of attempts no longer current are ignored."""
         node = self.nodes.touch(peer, now * 1000)
         self.tick_items += len(outcomes)
+        steps = False  # an outcome of a workflow step (only they change workflows here)
         for outcome in outcomes:
             lease = self.leases.get(outcome.task_id)
             if lease is None or lease.attempt != outcome.attempt:
@@ -1053,6 +1054,8 @@ class Broker:
                     node.tasks_failed += 1
             if record is None:
                 continue
+            if record.workflow_id is not None:
+                steps = True
             record.started_at = outcome.started_at
             self.repo.record_attempt(
                 record,
@@ -1073,7 +1076,8 @@ class Broker:
                     self._schedule_retry(record, outcome.error, now)
             else:
                 self._finish(record, outcome.value, outcome.error, now, outcome.finished_at)
-        self.workflows.flush()
+        if steps:
+            self.workflows.flush()
         if node is None:
             self.outbox.send(peer, Command.RECONNECT)
 
