@@ -161,8 +161,16 @@ class BrokerService:
                         # commit them with it: one fsync instead of two. Nothing waiting
                         # on this commit has been sent, so no promise is made early.
                         self._processing = False
-                        if not (has_input is not None and has_input()):
-                            await self.wakeup.wait(self._linger_until - time.monotonic())
+                        if has_input is None or self._hub is not None:
+                            if not (has_input is not None and has_input()):
+                                await self.wakeup.wait(self._linger_until - time.monotonic())
+                        else:
+                            # Over ZeroMQ, poll a loop iteration at a time rather than sleep:
+                            # waking a sleeping loop for the outcome cost ~0.1 ms of each
+                            # full W2 round here (1.29 against 1.19 ms, 4 interleaved pairs),
+                            # and the linger is short (about one commit) and bounded.
+                            while not has_input() and time.monotonic() < self._linger_until:
+                                await asyncio.sleep(0)
                         continue
                     self._linger_until = 0.0
                     await self._commit()
@@ -207,8 +215,9 @@ class BrokerService:
         then arrive before the commit and share its fsync, instead of waiting for it and
         needing one of their own. The wait lasts at most about one commit (the recent
         commit time, at most ``LINGER_MAX_S``) from the first such tick, so an
-        acknowledgement waits at most that much longer when no outcome comes. (Real time,
-        not :attr:`clock`: a test's clock may stand still.)
+        acknowledgement waits at most that much longer when no outcome comes. Over ZeroMQ
+        the loop polls meanwhile instead of sleeping (it keeps one CPU busy for that long).
+        (Real time, not :attr:`clock`: a test's clock may stand still.)
         """
         now = time.monotonic()
         if self._linger_until:

@@ -6,6 +6,7 @@ outcomes and commits them too (one commit per quick task), publishing nothing ea
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,3 +202,81 @@ async def test_the_broker_process_commits_on_its_loop_and_embedded_off_it(
 
 async def _idle() -> None:
     return None
+
+
+async def test_over_zeromq_the_linger_polls_until_the_outcome_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A standalone full-durability broker polls its sockets while it lingers (waking a
+    sleeping loop cost ~0.1 ms a round): the outcome, sent by a bare node only once the test
+    decides, still ends the linger, and the task's acceptance and outcome share one commit.
+    (The linger is 30 s here, so only the outcome can end it in time.)"""
+    from flowrra.broker.config import BrokerConfig
+    from flowrra.broker.core import Broker
+    from flowrra.broker.endpoint import ZmqBrokerEndpoint
+    from flowrra.broker.server import BrokerService
+    from flowrra.broker.store import Durability, LmdbStore
+    from flowrra.protocol import Command, Outcome, decode, encode, pack_value, parse_tasks
+    from tests.broker.harness import node_ready
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(server, "LINGER_MAX_S", 30.0)
+    store = LmdbStore(str(tmp_path / "store"), Durability.FULL)
+    wakeup = Wakeup()
+    endpoint = ZmqBrokerEndpoint(
+        f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", wakeup
+    )
+    commits: list[float] = []
+    commit = store.commit
+
+    def counted() -> None:
+        commit()
+        commits.append(asyncio.get_running_loop().time())
+
+    store.commit = counted  # type: ignore[method-assign]
+    service = BrokerService(
+        Broker(store, BrokerConfig(data_dir=str(tmp_path)), endpoint.publish_endpoint),
+        endpoint,
+        wakeup,
+        store,
+    )
+    running = asyncio.create_task(service.run())
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    node = context.socket(zmq.DEALER)
+    node.setsockopt(zmq.LINGER, 0)
+
+    def receive(command: Command) -> object:
+        while True:
+            assert node.poll(10_000, zmq.POLLIN), f"no {command.name}"
+            message = decode(recv_frames(node))
+            if message.command is command:
+                return message.body
+
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        node.connect(endpoint.bind_url)
+        ready = node_ready("linger-node", async_slots=1, tasks={"tests.linger.idle": "async"})
+        node.send_multipart(encode(Command.READY, ready.to_wire()))
+        await asyncio.to_thread(receive, Command.WELCOME)
+        app = Flowrra.from_urls(endpoint.bind_url)
+        app.task(name="tests.linger.idle")(_idle)
+        async with app:
+            service._commit_s = 30.0
+            commits.clear()
+            task_id = await app.submit(_idle)
+            (dispatch,) = parse_tasks(await asyncio.to_thread(receive, Command.TASKS))
+            assert dispatch.task_id == task_id  # dispatched before its commit
+            assert commits == []  # lingering: nothing committed yet
+            now = time.time()
+            outcome = Outcome(task_id, dispatch.attempt, pack_value(None), None, now, now)
+            node.send_multipart(encode(Command.RESULTS, [outcome.to_wire()]))
+            result = await app.wait_for_result(task_id, timeout=10)
+            assert result.status.value == "success"
+            assert len(commits) == 1  # acceptance, dispatch and outcome in one commit
+    finally:
+        service.stop()
+        await running
+        endpoint.close()
+        node.close(linger=0)
+        context.term()
+        store.close()
