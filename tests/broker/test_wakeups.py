@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +15,13 @@ import zmq
 
 import flowrra.broker.server as server
 from flowrra import Flowrra
+from flowrra.broker.config import BrokerConfig
+from flowrra.broker.core import Broker
+from flowrra.broker.endpoint import ZmqBrokerEndpoint
+from flowrra.broker.server import BrokerService
+from flowrra.broker.store import Durability, LmdbStore
 from flowrra.transport import Wakeup, WatchedSocket, recv_frames
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 
 
 @pytest.fixture
@@ -142,31 +147,9 @@ async def test_the_broker_process_commits_on_its_loop_and_embedded_off_it(
     loop, so the fsync runs on the commit thread."""
     import threading
 
-    from flowrra.broker.config import BrokerConfig
-    from flowrra.broker.core import Broker
-    from flowrra.broker.endpoint import ZmqBrokerEndpoint
-    from flowrra.broker.server import BrokerService
-    from flowrra.broker.store import Durability, LmdbStore
-    from tests.conftest import free_port
-
-    store = LmdbStore(str(tmp_path / "standalone"), Durability.FULL)
-    wakeup = Wakeup()
-    endpoint = ZmqBrokerEndpoint(
-        f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", wakeup
-    )
     threads: list[str] = []
-    commit = store.commit
-
-    def recorded() -> None:
-        threads.append(threading.current_thread().name)
-        commit()
-
-    store.commit = recorded  # type: ignore[method-assign]
-    service = BrokerService(
-        Broker(store, BrokerConfig(data_dir=str(tmp_path)), endpoint.publish_endpoint),
-        endpoint,
-        wakeup,
-        store,
+    store, endpoint, service = _standalone(
+        tmp_path, lambda: threads.append(threading.current_thread().name)
     )
     running = asyncio.create_task(service.run())
     try:
@@ -211,34 +194,13 @@ async def test_over_zeromq_the_linger_polls_until_the_outcome_arrives(
     sleeping loop cost ~0.1 ms a round): the outcome, sent by a bare node only once the test
     decides, still ends the linger, and the task's acceptance and outcome share one commit.
     (The linger is 30 s here, so only the outcome can end it in time.)"""
-    from flowrra.broker.config import BrokerConfig
-    from flowrra.broker.core import Broker
-    from flowrra.broker.endpoint import ZmqBrokerEndpoint
-    from flowrra.broker.server import BrokerService
-    from flowrra.broker.store import Durability, LmdbStore
     from flowrra.protocol import Command, Outcome, decode, encode, pack_value, parse_tasks
     from tests.broker.harness import node_ready
-    from tests.conftest import free_port
 
     monkeypatch.setattr(server, "LINGER_MAX_S", 30.0)
-    store = LmdbStore(str(tmp_path / "store"), Durability.FULL)
-    wakeup = Wakeup()
-    endpoint = ZmqBrokerEndpoint(
-        f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", wakeup
-    )
     commits: list[float] = []
-    commit = store.commit
-
-    def counted() -> None:
-        commit()
-        commits.append(asyncio.get_running_loop().time())
-
-    store.commit = counted  # type: ignore[method-assign]
-    service = BrokerService(
-        Broker(store, BrokerConfig(data_dir=str(tmp_path)), endpoint.publish_endpoint),
-        endpoint,
-        wakeup,
-        store,
+    store, endpoint, service = _standalone(
+        tmp_path, lambda: commits.append(asyncio.get_running_loop().time())
     )
     running = asyncio.create_task(service.run())
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -280,3 +242,29 @@ async def test_over_zeromq_the_linger_polls_until_the_outcome_arrives(
         node.close(linger=0)
         context.term()
         store.close()
+
+
+def _standalone(
+    tmp_path: Path, on_commit: Callable[[], None]
+) -> tuple[LmdbStore, ZmqBrokerEndpoint, BrokerService]:
+    """A full-durability broker over ZeroMQ on loopback, in this process, whose store calls
+    ``on_commit`` after each commit, on the thread that committed."""
+    store = LmdbStore(str(tmp_path / "standalone"), Durability.FULL)
+    wakeup = Wakeup()
+    endpoint = ZmqBrokerEndpoint(
+        f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", wakeup
+    )
+    commit = store.commit
+
+    def recorded() -> None:
+        commit()
+        on_commit()
+
+    store.commit = recorded  # type: ignore[method-assign]
+    service = BrokerService(
+        Broker(store, BrokerConfig(data_dir=str(tmp_path)), endpoint.publish_endpoint),
+        endpoint,
+        wakeup,
+        store,
+    )
+    return store, endpoint, service
