@@ -174,7 +174,7 @@ class BrokerService:
                         continue
                     self._linger_until = 0.0
                     await self._commit()
-                if self._late_ack_peers:
+                if self._late_ack_peers or self._held_acks:  # (held ones go out in any case)
                     self._hold_acks(fresh)
                 if broker.outbox:
                     self._flush(now)

@@ -23,9 +23,18 @@ from flowrra.broker.core import Broker
 from flowrra.broker.endpoint import ZmqBrokerEndpoint
 from flowrra.broker.server import BrokerService
 from flowrra.broker.store import MemoryStore
-from flowrra.protocol import Command, Dispatch, Outcome, decode, encode, pack_value, parse_tasks
+from flowrra.protocol import (
+    Command,
+    Dispatch,
+    Outcome,
+    decode,
+    encode,
+    pack_args,
+    pack_value,
+    parse_tasks,
+)
 from flowrra.transport import Wakeup, recv_frames
-from tests.broker.harness import node_ready
+from tests.broker.harness import node_ready, submission
 from tests.conftest import free_port
 
 TASK = "tests.late_acks.echo"
@@ -172,3 +181,46 @@ def test_free_port_is_loopback() -> None:
     port = free_port()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))  # still free, and on loopback
+
+
+def _client_socket(url: str, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    return sock
+
+
+async def _hello(sock: zmq.Socket[bytes], body: dict[str, object]) -> None:
+    sock.send_multipart(encode(Command.HELLO, body))
+    assert decode(await asyncio.to_thread(_recv, sock)).command is Command.WELCOME
+
+
+async def _next_ack(sock: zmq.Socket[bytes]) -> list[object]:
+    while True:
+        message = decode(await asyncio.to_thread(_recv, sock))
+        if message.command is Command.ACK:
+            return list(message.body)
+
+
+async def test_a_held_ack_still_leaves_after_its_client_says_hello_without_late_acks(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The only late-ack client sends a new HELLO without ``late_acks`` (same routing id)
+    while its ACK is held: the broker forgets the flag, and the held ACK must still leave
+    (at the bound at the latest) instead of staying held for ever."""
+    monkeypatch.setattr(server, "ACK_HOLD_MAX_S", 0.05)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    client = _client_socket(setup.url, context)
+    try:
+        prefix = "ab" * 8
+        await _hello(client, {"role": "client", "id": prefix, "late_acks": True})
+        task_id = prefix + "01" * 8
+        wire = submission(task_id, name=TASK, payload=pack_args([1], {})).to_wire()
+        client.send_multipart(encode(Command.SUBMIT, [wire]))
+        (dispatch,) = await _next_tasks(setup.node)  # stored, dispatched: its ACK is held
+        assert dispatch.task_id == task_id
+        await _hello(client, {"role": "client", "id": prefix})  # no late_acks any more
+        assert await _next_ack(client) == [[task_id, None]]
+    finally:
+        client.close(linger=0)
+        context.term()
