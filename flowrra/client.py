@@ -635,14 +635,15 @@ class BrokerClient:
                 self._on_publication(frames)
             now = loop.time()
             if now >= next_resend:
-                self._resend(now)
-                next_resend = now + RESEND_INTERVAL_S
+                next_resend = self._resend(now)
             if now >= self._next_quiet:
                 self._requery_quiet(now)
             if not replies and not publications:
-                pending = self._unacked or self._unanswered
-                deadline = min(next_resend if pending else _NEVER, self._next_quiet)
-                await wakeup.wait(None if deadline == _NEVER else deadline - now)
+                # A resend is due by then even with nothing unanswered now: a submit or GET
+                # made while this loop sleeps does not wake it (no wake-up per request), and
+                # an answer that never comes (a lost publication standing for a late ACK, a
+                # reply refused behind a full pipe) must not leave it asleep for ever.
+                await wakeup.wait(min(next_resend, self._next_quiet) - now)
 
     def _requery_quiet(self, now: float) -> None:
         """Ask, in one query, about the awaited tasks nothing has arrived for in a while."""
@@ -678,10 +679,17 @@ class BrokerClient:
             self._requery = self._request_state(due)
             self._requery.add_done_callback(_consume)
 
-    def _resend(self, now: float) -> None:
-        """Send again what the broker has not answered for a resend interval."""
+    def _resend(self, now: float) -> float:
+        """Send again what the broker has not answered for a resend interval; returns when
+        the next resend is due (what was sent since then is a resend interval old)."""
         cutoff = now - RESEND_INTERVAL_S
-        stale = [wire for wire, sent in self._unacked.values() if sent <= cutoff]
+        stale = []
+        earliest = now  # the oldest send of what is not stale yet (now: nothing, or re-sent)
+        for wire, sent in self._unacked.values():
+            if sent <= cutoff:
+                stale.append(wire)
+            elif sent < earliest:
+                earliest = sent
         if stale:
             log.info("re-sending %d unacknowledged submissions", len(stale))
             for wire in stale:
@@ -693,6 +701,9 @@ class BrokerClient:
             if sent <= cutoff:
                 self._unanswered[request_id] = (frames, now)
                 self._link.send(frames)
+            elif sent < earliest:
+                earliest = sent
+        return earliest + RESEND_INTERVAL_S
 
     def _on_reply(self, frames: list[bytes]) -> None:
         try:

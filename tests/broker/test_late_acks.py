@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 import flowrra.broker.server as server
+import flowrra.client as client_module
 from flowrra import Flowrra
 from flowrra.broker.config import BrokerConfig
 from flowrra.broker.core import Broker
@@ -224,3 +225,41 @@ async def test_a_held_ack_still_leaves_after_its_client_says_hello_without_late_
     finally:
         client.close(linger=0)
         context.term()
+
+
+async def test_a_lost_result_publication_is_recovered_by_the_resend(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker leaves the held ACK out because the result it publishes stands for it; if
+    that publication never reaches the client, the client re-sends the submit, and the
+    idempotent resubmit of a finished task is acknowledged (and the waiter asks)."""
+    monkeypatch.setattr(server, "ACK_HOLD_MAX_S", 30.0)  # only the result releases it
+    monkeypatch.setattr(client_module, "RESEND_INTERVAL_S", 0.05)
+    monkeypatch.setattr(client_module, "QUIET_REQUERY_S", 0.05)
+    acked: list[str] = []
+    dropped: list[bytes] = []
+    send, publish = ZmqBrokerEndpoint.send, ZmqBrokerEndpoint.publish
+
+    def recording(self: ZmqBrokerEndpoint, peer: bytes, frames: list[bytes]) -> bool:
+        message = decode(frames)
+        if message.command is Command.ACK:
+            acked.extend(item[0] for item in message.body)
+        return send(self, peer, frames)
+
+    def losing(self: ZmqBrokerEndpoint, frames: list[bytes]) -> None:
+        if decode(frames[1:]).command is Command.RESULT and not dropped:
+            dropped.append(frames[0])  # the first RESULT publication is lost on the way
+            return
+        publish(self, frames)
+
+    monkeypatch.setattr(ZmqBrokerEndpoint, "send", recording)
+    monkeypatch.setattr(ZmqBrokerEndpoint, "publish", losing)
+    async with _app(setup.url, confirm_submits=False) as app:
+        client = app._connected()
+        task_id = await app.submit(_echo, 4)
+        (dispatch,) = await _next_tasks(setup.node)
+        _report(setup.node, dispatch, 4)
+        await client.confirmed(5.0)  # by the re-sent submit's ACK
+        assert dropped == [client.client_id.encode()]
+        assert acked == [task_id]
+        assert (await app.wait_for_result(task_id, timeout=5)).result == 4
