@@ -136,3 +136,51 @@ def test_a_sub_millisecond_wakeup_timeout_is_one_timer_under_uvloop() -> None:
     waits, elapsed_s = uvloop.run(main())
     assert waits == 1
     assert elapsed_s >= 0.0004
+
+
+async def test_a_drain_stopped_by_its_limit_leaves_the_loop_awake_for_the_rest() -> None:
+    """A drain that stops at its limit has not asked ZeroMQ whether more waits (the FD
+    will not signal what is already there): it sets the wakeup, so a reader that then
+    sleeps returns at once and drains the rest."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    a.bind("inproc://review-limit")
+    b.connect("inproc://review-limit")
+    watched = WatchedSocket(a, Wakeup())
+    try:
+        for body in (b"1", b"2", b"3", b"4", b"5"):
+            b.send(body)  # inproc: in a's pipe when send returns
+        got: list[list[bytes]] = []
+        for _ in range(2):
+            batch = watched.drain(2)
+            assert len(batch) == 2  # stopped by the limit with more waiting ...
+            got.extend(batch)
+            await asyncio.wait_for(watched.wakeup.wait(None), 1)  # ... so no sleep
+        got.extend(watched.drain(2))
+        assert got == [[b"1"], [b"2"], [b"3"], [b"4"], [b"5"]]
+        assert not watched.has_input() and watched.drain(2) == []
+    finally:
+        watched.close()
+        b.close(linger=0)
+        context.term()
+
+
+async def test_a_set_during_a_wait_of_another_timeout_is_not_missed() -> None:
+    """set() between waits, during a wait with no timeout, and with a kept timer from a
+    longer-ago shorter wait: each ends the wait it belongs to, none sleeps for good."""
+    wakeup = Wakeup()
+    await wakeup.wait(0.001)  # fired: its timer is gone
+    waiting = asyncio.create_task(wakeup.wait(None))
+    await asyncio.sleep(0)
+    wakeup.set()
+    await asyncio.wait_for(waiting, 1)
+    waiting = asyncio.create_task(wakeup.wait(0.001))  # a short timer, kept ...
+    await asyncio.sleep(0)
+    wakeup.set()
+    await asyncio.wait_for(waiting, 1)
+    await asyncio.wait_for(wakeup.wait(30.0), 1)  # ... may end a longer wait early
+    wakeup.set()
+    wakeup.set()  # twice before one wait: one wait returns at once, the next one sleeps
+    await asyncio.wait_for(wakeup.wait(30.0), 1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(wakeup.wait(None), 0.05)
