@@ -23,7 +23,7 @@ from flowrra.broker.config import BrokerConfig
 from flowrra.broker.core import Broker
 from flowrra.broker.endpoint import ZmqBrokerEndpoint
 from flowrra.broker.server import BrokerService
-from flowrra.broker.store import MemoryStore
+from flowrra.broker.store import MemoryStore, StoreError
 from flowrra.protocol import (
     Command,
     Dispatch,
@@ -45,6 +45,7 @@ TASK = "tests.late_acks.echo"
 class Setup:
     url: str
     node: zmq.Socket[bytes]
+    service: BrokerService
 
 
 def _recv(sock: zmq.Socket[bytes], timeout_s: float = 5.0) -> list[bytes]:
@@ -87,7 +88,7 @@ async def setup() -> AsyncIterator[Setup]:
     node.send_multipart(encode(Command.READY, ready.to_wire()))
     assert decode(await asyncio.to_thread(_recv, node)).command is Command.WELCOME
     try:
-        yield Setup(url, node)
+        yield Setup(url, node, service)
     finally:
         service.stop()
         await running
@@ -263,3 +264,42 @@ async def test_a_lost_result_publication_is_recovered_by_the_resend(
         assert dropped == [client.client_id.encode()]
         assert acked == [task_id]
         assert (await app.wait_for_result(task_id, timeout=5)).result == 4
+
+
+async def test_a_held_ack_stays_a_stored_ack_when_a_later_commit_fails(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ACK held after its commit is for a stored task: a later tick whose commit fails
+    refuses that tick's submissions only, and the held ACK still leaves as stored."""
+    monkeypatch.setattr(server, "ACK_HOLD_MAX_S", 0.2)
+    store = setup.service.store
+    commit = store.commit
+    failures = [StoreError("disk full (test)")]
+
+    def failing_once() -> None:
+        if failures:
+            raise failures.pop()
+        commit()
+
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    client = _client_socket(setup.url, context)
+    try:
+        prefix = "cd" * 8
+        await _hello(client, {"role": "client", "id": prefix, "late_acks": True})
+        stored, refused = prefix + "01" * 8, prefix + "02" * 8
+        wire = submission(stored, name=TASK, payload=pack_args([1], {})).to_wire()
+        client.send_multipart(encode(Command.SUBMIT, [wire]))
+        (dispatch,) = await _next_tasks(setup.node)  # committed; its ACK is held
+        assert dispatch.task_id == stored
+        monkeypatch.setattr(store, "commit", failing_once)
+        wire = submission(refused, name=TASK, payload=pack_args([2], {})).to_wire()
+        client.send_multipart(encode(Command.SUBMIT, [wire]))
+        items: dict[str, object] = {}
+        while len(items) < 2:
+            items.update((item[0], item[1]) for item in await _next_ack(client))
+        assert failures == []  # the second tick's commit failed
+        assert items[stored] is None
+        assert isinstance(items[refused], str) and "storage error" in items[refused]
+    finally:
+        client.close(linger=0)
+        context.term()
