@@ -681,7 +681,8 @@ class BrokerClient:
 
     def _resend(self, now: float) -> float:
         """Send again what the broker has not answered for a resend interval; returns when
-        the next resend is due (what was sent since then is a resend interval old)."""
+        the next resend is due (what was sent since then is a resend interval old, and a
+        quarter interval from now at the soonest)."""
         cutoff = now - RESEND_INTERVAL_S
         stale = []
         earliest = now  # the oldest send of what is not stale yet (now: nothing, or re-sent)
@@ -703,7 +704,10 @@ class BrokerClient:
                 self._link.send(frames)
             elif sent < earliest:
                 earliest = sent
-        return earliest + RESEND_INTERVAL_S
+        # At most a few scans per interval: with sends of every age unanswered (a slow or
+        # absent broker), the oldest reaches the interval every few microseconds, and a scan
+        # per arrival would go over all of them each time.
+        return max(earliest + RESEND_INTERVAL_S, now + RESEND_INTERVAL_S / 4)
 
     def _on_reply(self, frames: list[bytes]) -> None:
         try:
