@@ -54,11 +54,29 @@ def _recv(sock: zmq.Socket[bytes], timeout_s: float = 5.0) -> list[bytes]:
     return recv_frames(sock)
 
 
-async def _next_tasks(node: zmq.Socket[bytes]) -> list[Dispatch]:
+async def _next_body(sock: zmq.Socket[bytes], command: Command) -> object:
+    """The body of the next ``command`` message on ``sock`` (others are skipped)."""
     while True:
-        message = decode(await asyncio.to_thread(_recv, node))
-        if message.command is Command.TASKS:
-            return parse_tasks(message.body)
+        message = decode(await asyncio.to_thread(_recv, sock))
+        if message.command is command:
+            return message.body
+
+
+async def _next_tasks(node: zmq.Socket[bytes]) -> list[Dispatch]:
+    return parse_tasks(await _next_body(node, Command.TASKS))
+
+
+async def _next_ack(sock: zmq.Socket[bytes]) -> list[object]:
+    body = await _next_body(sock, Command.ACK)
+    assert isinstance(body, list)
+    return body
+
+
+def _client_socket(url: str, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    return sock
 
 
 def _report(node: zmq.Socket[bytes], dispatch: Dispatch, value: object) -> None:
@@ -81,9 +99,7 @@ async def setup() -> AsyncIterator[Setup]:
     )
     running = asyncio.create_task(service.run())
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    node = context.socket(zmq.DEALER)
-    node.setsockopt(zmq.LINGER, 0)
-    node.connect(url)
+    node = _client_socket(url, context)
     ready = node_ready("late-ack-node", async_slots=10, tasks={TASK: "async"})
     node.send_multipart(encode(Command.READY, ready.to_wire()))
     assert decode(await asyncio.to_thread(_recv, node)).command is Command.WELCOME
@@ -185,23 +201,9 @@ def test_free_port_is_loopback() -> None:
         probe.bind(("127.0.0.1", port))  # still free, and on loopback
 
 
-def _client_socket(url: str, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(url)
-    return sock
-
-
 async def _hello(sock: zmq.Socket[bytes], body: dict[str, object]) -> None:
     sock.send_multipart(encode(Command.HELLO, body))
     assert decode(await asyncio.to_thread(_recv, sock)).command is Command.WELCOME
-
-
-async def _next_ack(sock: zmq.Socket[bytes]) -> list[object]:
-    while True:
-        message = decode(await asyncio.to_thread(_recv, sock))
-        if message.command is Command.ACK:
-            return list(message.body)
 
 
 async def test_a_held_ack_still_leaves_after_its_client_says_hello_without_late_acks(

@@ -1,4 +1,4 @@
-"""Review of the embedded direct path: the client, the in-process broker and the node share
+"""The embedded direct path: the client, the in-process broker and the node share
 one process and hand bodies over unencoded, yet a task and its caller never share an object
 (arguments are packed at submit, results packed by the node), a send made while the broker
 is busy on the same stack waits for the pass under way and keeps its order."""
