@@ -206,6 +206,10 @@ class Broker:
         self._awaited_nodes: set[str] = set()
         self._dispatch_floor = 0.0
         self._held: list[tuple[int, TaskRecord]] = []
+        # Ids of the tasks first stored by the messages handled since the last tick, and
+        # those of the tick that ran last (see dispatches_only_accepted).
+        self._accepting: set[str] = set()
+        self._tick_accepted: set[str] = set()
         # Items handled and reply bytes built in the current tick (see TICK_ITEMS).
         self.tick_items = 0
         self.tick_reply_bytes = 0
@@ -450,6 +454,8 @@ class Broker:
         of its output, and rebuild the in-memory state from what the store really holds."""
         self.repo.end_tick()  # records changed in memory by the lost tick
         self.workflows.discard()
+        self._accepting.clear()
+        self._tick_accepted.clear()
         # A node sends an outcome once (again only after it registers again): keep the ones
         # this tick accepted and apply them again in the next tick.
         self._replay_outcomes.extend(self._uncommitted_outcomes)
@@ -624,6 +630,7 @@ class Broker:
             if stored is None:
                 record = TaskRecord.from_submission(sub, self._take_order())
                 self._add(record, now)
+                self._accepting.add(record.task_id)
                 self.counters["submitted"] += 1
                 for observer in self.observers:
                     observer.submitted(record.name, record.task_id)
@@ -1311,6 +1318,17 @@ class Broker:
         """The current tick has taken on its share of work: defer further messages."""
         return self.tick_items >= TICK_ITEMS or self.tick_reply_bytes >= TICK_REPLY_BYTES
 
+    @property
+    def dispatches_only_accepted(self) -> bool:
+        """The tick that ran last dispatched tasks, all of them first stored by that tick.
+
+        A re-sent submit of a task that an earlier tick stored is acknowledged like a new
+        one but does not count: that task's dispatch is not new with its acceptance."""
+        tasks, accepted = self.outbox.tasks, self._tick_accepted
+        if not tasks or not accepted:
+            return False
+        return all(item[0] in accepted for items in tasks.values() for item in items)
+
     def committed(self) -> None:
         """The tick's writes are durable (the server calls this after each good commit)."""
         self._uncommitted_outcomes.clear()
@@ -1318,6 +1336,8 @@ class Broker:
     def tick(self, now: float) -> None:
         """Time-driven work, then dispatch; called once per loop iteration."""
         self.tick_items = self.tick_reply_bytes = 0
+        if self._accepting or self._tick_accepted:
+            self._tick_accepted, self._accepting = self._accepting, set()
         if self._held:
             self._queue_held()
         if self._replay_outcomes and now >= self._replay_after:  # from a tick whose commit failed

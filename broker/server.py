@@ -242,11 +242,7 @@ class BrokerService:
         earlier commit and dispatched now is different: after a kill before the commit its
         node must claim the attempt at re-registration, so the window before the commit is
         kept short for it (no lingering)."""
-        outbox = self.broker.outbox
-        if not outbox.tasks or not outbox.acks:
-            return False
-        accepted = {item[0] for items in outbox.acks.values() for item in items if item[1] is None}
-        return all(item[0] in accepted for items in outbox.tasks.values() for item in items)
+        return bool(self.broker.outbox.acks) and self.broker.dispatches_only_accepted
 
     def _note_hello(self, peer: bytes, frames: list[bytes]) -> None:
         """Remember whether this client allows late acknowledgements (its HELLO says

@@ -1361,3 +1361,39 @@ def test_a_lease_that_moves_to_a_new_node_id_is_stored_under_it(tmp_path: Path) 
     assert [(t, a, n) for t, a, n in h.broker.repo.leases()] == [("t1", 1, "renamed")]
     check_broker(h.broker, h.now)
     h.broker.store.close()
+
+
+def _fresh_dispatch(h: Harness) -> bool:
+    """What the server decides from this tick: a dispatch of only tasks accepted with it
+    (the fsync'd commit may linger and a late-ack client's ACK may be held for it)."""
+    from flowrra.broker.server import BrokerService
+    from flowrra.inproc import InprocHub
+    from flowrra.transport import Wakeup
+
+    wakeup = Wakeup()
+    service = BrokerService(h.broker, InprocHub(wakeup), wakeup, h.broker.store)
+    return service._fresh_dispatch()
+
+
+def test_a_task_stored_earlier_is_not_a_fresh_dispatch_when_its_resubmit_comes_with_it(
+    h: Harness,
+) -> None:
+    """A re-sent submit is acknowledged as a new one is, but its task was stored (and
+    committed) by an earlier tick: dispatching it now is no fresh dispatch, so its commit
+    does not linger and the window before it stays one commit long."""
+    h.ready(NODE_A, async_slots=1)
+    h.submit(submission("first"))
+    h.tick()
+    assert _fresh_dispatch(h) and h.broker.dispatches_only_accepted  # accepted and dispatched
+    h.take()
+    h.submit(submission("second"))
+    h.tick()  # no free slot: "second" waits in the queue, stored
+    assert not _fresh_dispatch(h)
+    h.take()
+    h.submit(submission("second"))  # re-sent, and in the same tick a slot comes free
+    h.result(NODE_A, "first", 1, "done")
+    h.tick()
+    assert [item[0] for item in h.broker.outbox.tasks[NODE_A]] == ["second"]
+    assert [item[0] for item in h.broker.outbox.acks[CLIENT]] == ["second"]
+    assert not h.broker.dispatches_only_accepted
+    assert not _fresh_dispatch(h)
