@@ -193,7 +193,9 @@ class TaskRecord:
         )
 
     def public(self) -> dict[str, Any]:
-        """The client-facing view (``protocol.RECORD_FIELDS``)."""
+        """The client-facing view (``protocol.RECORD_FIELDS``). It shares no mutable object
+        with the record: an in-process client gets it unencoded."""
+        progress = self.progress
         return {
             "task_id": self.task_id,
             "task_name": self.name,
@@ -206,5 +208,5 @@ class TaskRecord:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "eta": self.eta if self.status is _SCHEDULED else None,
-            "progress": self.progress,
+            "progress": None if progress is None else list(progress),
         }

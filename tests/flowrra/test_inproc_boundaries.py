@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from flowrra import Flowrra
+from flowrra import Flowrra, report_progress
 from flowrra.inproc import InprocHub
 from flowrra.protocol import Command, decode
 from flowrra.transport import Wakeup
@@ -16,6 +16,7 @@ from flowrra.transport import Wakeup
 app = Flowrra.from_urls()
 SEEN: list[Any] = []
 RETURNED: list[Any] = []
+PROCEED = asyncio.Event()
 
 
 @app.task()
@@ -42,6 +43,32 @@ async def test_a_task_and_its_caller_never_share_an_argument_or_a_result() -> No
     RETURNED[0].append(100)  # the task's side changes what it returned: not the caller's
     result.result.append(5)  # nor does one waiter's copy change another's
     assert again.result == [1, 2, 99]
+
+
+@app.task()
+async def halfway() -> str:
+    report_progress(1, 2, "half")
+    await PROCEED.wait()
+    return "done"
+
+
+async def test_a_watcher_shares_no_progress_object_with_the_broker() -> None:
+    """The progress in a record pushed to a watcher is its own: changing it does not change
+    the task's record in the in-process broker (its final result keeps what was reported)."""
+    PROCEED.clear()
+    async with app:
+        task_id = await app.submit(halfway)
+        async for record in app._connected().watch(task_id):
+            if record["progress"] is not None:
+                record["progress"][0] = 999
+                record["progress"].append("extra")
+                break
+        PROCEED.set()
+        result = await app.wait_for_result(task_id, timeout=10)
+    assert result.result == "done"
+    assert result.progress is not None
+    assert (result.progress.current, result.progress.total) == (1, 2)
+    assert result.progress.message == "half"
 
 
 def test_a_body_sent_while_the_broker_processes_waits_for_its_pass_in_order() -> None:
