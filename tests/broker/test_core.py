@@ -9,8 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flowrra.broker.server import BrokerService
 from flowrra.broker.store import LmdbStore, Table
 from flowrra.broker.timers import MAX_BACKOFF_S
+from flowrra.inproc import InprocHub
 from flowrra.protocol import (
     ACK_CONFLICT,
     HEADER,
@@ -32,6 +34,7 @@ from flowrra.protocol import (
     parse_record,
     parse_welcome,
 )
+from flowrra.transport import Wakeup
 from tests.broker.harness import (
     CLIENT,
     EXPIRY_S,
@@ -1366,10 +1369,6 @@ def test_a_lease_that_moves_to_a_new_node_id_is_stored_under_it(tmp_path: Path) 
 def _fresh_dispatch(h: Harness) -> bool:
     """What the server decides from this tick: a dispatch of only tasks accepted with it
     (the fsync'd commit may linger and a late-ack client's ACK may be held for it)."""
-    from flowrra.broker.server import BrokerService
-    from flowrra.inproc import InprocHub
-    from flowrra.transport import Wakeup
-
     wakeup = Wakeup()
     service = BrokerService(h.broker, InprocHub(wakeup), wakeup, h.broker.store)
     return service._fresh_dispatch()
