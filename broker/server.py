@@ -42,6 +42,11 @@ ACK_HOLD_MAX_S = 0.001
 # Clients remembered as allowing late acknowledgements (the oldest forgotten first: a
 # forgotten one is acknowledged at once, as any client that did not ask).
 LATE_ACK_PEERS_MAX = 10_000
+# Shortest result TTL with which a published final result stands for a held ACK. A client
+# that missed the publication resends after about a second (RESEND_INTERVAL_S) and is
+# answered from the stored result; were the result gone by then, the resend would be a new
+# submit and the task would run twice. Far above any resend delay a live client has.
+LATE_ACK_MIN_RESULT_TTL_S = 60.0
 _HELLO_FRAME = bytes([Command.HELLO])
 
 
@@ -288,13 +293,14 @@ class BrokerService:
         """Put the held ACK items back in the outbox, ahead of this tick's (in order),
         except those whose task's final result this tick publishes on the client's own
         prefix: a late-ack client takes that result as the acknowledgement (one message
-        less each way)."""
+        less each way). Only while results outlive a resend (``LATE_ACK_MIN_RESULT_TTL_S``)."""
         if not self._held_acks:
             return
         outbox = self.broker.outbox
         acks, results, late = outbox.acks, outbox.results, self._late_ack_peers
+        results_outlive_resends = self.broker.config.result_ttl_s >= LATE_ACK_MIN_RESULT_TTL_S
         for peer, items in self._held_acks.items():
-            prefix = late.get(peer)
+            prefix = late.get(peer) if results_outlive_resends else None
             records = results.get(prefix) if prefix else None
             if records:
                 final = {r["task_id"] for r in records if r["status"] in FINAL_STATUS_VALUES}

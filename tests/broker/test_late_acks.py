@@ -8,6 +8,7 @@ DEALER speaking the protocol, so the test decides when an outcome arrives."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -87,12 +88,18 @@ def _report(node: zmq.Socket[bytes], dispatch: Dispatch, value: object) -> None:
 
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
+    async with _running_broker(BrokerConfig(data_dir=None)) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def _running_broker(config: BrokerConfig) -> AsyncIterator[Setup]:
     url = f"tcp://127.0.0.1:{free_port()}"
     wakeup = Wakeup()
     endpoint = ZmqBrokerEndpoint(url, f"tcp://127.0.0.1:{free_port()}", wakeup)
     store = MemoryStore()
     service = BrokerService(
-        Broker(store, BrokerConfig(data_dir=None), endpoint.publish_endpoint),
+        Broker(store, config, endpoint.publish_endpoint),
         endpoint,
         wakeup,
         store,
@@ -266,6 +273,36 @@ async def test_a_lost_result_publication_is_recovered_by_the_resend(
         assert dropped == [client.client_id.encode()]
         assert acked == [task_id]
         assert (await app.wait_for_result(task_id, timeout=5)).result == 4
+
+
+async def test_a_result_that_may_expire_before_a_resend_does_not_stand_for_the_ack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a result TTL shorter than the client's resend interval, a lost publication
+    would make the resend find nothing and run the task again. Such a broker sends the
+    held ACK even when it publishes the result: the task is accepted and runs once."""
+    monkeypatch.setattr(server, "ACK_HOLD_MAX_S", 30.0)  # only the result releases it
+    monkeypatch.setattr(client_module, "RESEND_INTERVAL_S", 0.5)
+    config = BrokerConfig(data_dir=None, result_ttl_s=0.05, expiry_sweep_interval_s=0.01)
+    publish = ZmqBrokerEndpoint.publish
+    dropped: list[bytes] = []
+
+    def losing(self: ZmqBrokerEndpoint, frames: list[bytes]) -> None:
+        if decode(frames[1:]).command is Command.RESULT:
+            dropped.append(frames[0])  # every RESULT publication is lost on the way
+            return
+        publish(self, frames)
+
+    monkeypatch.setattr(ZmqBrokerEndpoint, "publish", losing)
+    async with _running_broker(config) as running, _app(running.url, confirm_submits=False) as app:
+        client = app._connected()
+        assert client.late_acks
+        await app.submit(_echo, 8)
+        (dispatch,) = await _next_tasks(running.node)
+        _report(running.node, dispatch, 8)
+        await client.confirmed(5.0)
+        assert dropped == [client.client_id.encode()]
+        assert running.service.broker.counters["submitted"] == 1  # not accepted again
 
 
 async def test_a_held_ack_stays_a_stored_ack_when_a_later_commit_fails(
