@@ -974,7 +974,7 @@ def _optional_text(value: object) -> bool:
 def parse_record(body: object) -> dict[str, Any]:
     """Validate one public task record (from STATE or a RESULT publication)."""
     m = _map_body(body, "record")
-    missing = _RECORD_KEYS - m.keys()
+    missing = _RECORD_KEYS.difference(m.keys())
     _expect(not missing, f"record lacks {sorted(missing)}")
     status = m["status"]
     _expect(type(m["task_id"]) is str and type(m["task_name"]) is str, "bad record ids")
