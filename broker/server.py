@@ -112,6 +112,8 @@ class BrokerService:
         # prefix its own results are published on), their held ACK items, and until when
         # (time.monotonic()) the oldest of those may wait (see _hold_acks).
         self._late_ack_peers: dict[bytes, bytes] = {}
+        # Whether a published final result may stand for a held ACK (_release_acks).
+        self._results_outlive_resends = broker.config.result_ttl_s >= LATE_ACK_MIN_RESULT_TTL_S
         self._held_acks: dict[bytes, list[list[Any]]] = {}
         self._held_until = 0.0
 
@@ -298,7 +300,7 @@ class BrokerService:
             return
         outbox = self.broker.outbox
         acks, results, late = outbox.acks, outbox.results, self._late_ack_peers
-        results_outlive_resends = self.broker.config.result_ttl_s >= LATE_ACK_MIN_RESULT_TTL_S
+        results_outlive_resends = self._results_outlive_resends
         for peer, items in self._held_acks.items():
             prefix = late.get(peer) if results_outlive_resends else None
             records = results.get(prefix) if prefix else None
