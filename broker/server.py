@@ -112,10 +112,10 @@ class BrokerService:
         # prefix its own results are published on), their held ACK items, and until when
         # (time.monotonic()) the oldest of those may wait (see _hold_acks).
         self._late_ack_peers: dict[bytes, bytes] = {}
-        # Whether a published final result may stand for a held ACK (_release_acks).
-        self._results_outlive_resends = broker.config.result_ttl_s >= LATE_ACK_MIN_RESULT_TTL_S
         self._held_acks: dict[bytes, list[list[Any]]] = {}
         self._held_until = 0.0
+        # Whether a published final result may stand for a held ACK (_release_acks).
+        self._results_outlive_resends = broker.config.result_ttl_s >= LATE_ACK_MIN_RESULT_TTL_S
 
     def stop(self) -> None:
         self._stopping = True
